@@ -1,0 +1,36 @@
+# One target per job; CI runs `make lint` and `make test` (see .ci/run).
+PYTHON ?= python3
+SO := python/ferroloop/_ferroloop$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+
+.PHONY: help build-dev build-prod lint format test test-rust test-python bench
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+build-dev: ## editable install with a debug build of the extension
+	$(PYTHON) -m pip install -q -e '.[test]' --config-settings=build-args=--profile=dev
+
+build-prod: ## install the release build (what tests and benchmarks use)
+	$(PYTHON) -m pip install -q '.[test]'
+
+lint: ## rustfmt, clippy, ruff
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: ## apply rustfmt and ruff format
+	cargo fmt --all
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+test-rust: ## Rust unit tests (timers, ready queue, …)
+	cargo test --quiet
+
+test-python: ## pytest: behaviour tests on both loops, examples, CPython conformance
+	$(PYTHON) -m pytest
+
+test: build-prod test-rust test-python ## the whole suite, from a fresh checkout
+
+bench: build-prod ## side-by-side benchmarks (see benchmarks/)
+	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)

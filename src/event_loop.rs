@@ -1,0 +1,616 @@
+//! The loop proper: the ready queue, the timer heap, the reactor and the iteration that
+//! drives them (the stdlib's `BaseEventLoop._run_once`).
+//!
+//! One iteration:
+//! 1. drop cancelled timers at the top of the heap (or compact it, see `timers`);
+//! 2. wait for I/O with the interpreter detached — not at all when callbacks are ready
+//!    or the loop is stopping, until the earliest timer otherwise;
+//! 3. queue the reader/writer/signal callbacks that fired, then every timer due by
+//!    `now + clock resolution`;
+//! 4. run exactly the callbacks queued so far; ones they schedule wait for the next
+//!    iteration.
+//!
+//! Only the loop's thread runs iterations. Other threads reach the loop through
+//! `call_soon_threadsafe`, which appends under the queue's lock and wakes the wait; no
+//! lock is ever held while Python code runs or while the interpreter is detached.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyInt, PyTuple};
+
+use crate::clock::monotonic;
+use crate::errors::os_error;
+use crate::handles::{Handle, NewHandle};
+use crate::reactor::{Reactor, SIGNAL_TOKEN};
+use crate::signals::Signals;
+use crate::timers::TimerHeap;
+
+/// The longest single wait, as in the stdlib (a day).
+const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
+/// `time.get_clock_info('monotonic').resolution` on Linux.
+const CLOCK_RESOLUTION: f64 = 1e-9;
+
+#[derive(Default)]
+struct Scheduler {
+    ready: VecDeque<Py<Handle>>,
+    /// The previous batch's emptied queue, kept to reuse its allocation.
+    spare: VecDeque<Py<Handle>>,
+    timers: TimerHeap<Py<Handle>>,
+}
+
+/// The Rust half of `ferroloop.Loop`: everything that runs per callback, per timer or
+/// per I/O event. The Python subclass adds what runs once per loop or per run.
+#[pyclass(frozen, subclass, module = "ferroloop._ferroloop", name = "LoopCore")]
+pub struct LoopCore {
+    sched: Mutex<Scheduler>,
+    reactor: Reactor,
+    signals: Mutex<Signals>,
+    closed: AtomicBool,
+    stopping: AtomicBool,
+    /// `threading.get_ident()` of the thread running the loop; 0 when not running.
+    thread_id: AtomicU64,
+    debug: AtomicBool,
+    slow_callback_duration: Mutex<f64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn current_thread_ident() -> u64 {
+    // SAFETY: pthread_self has no preconditions. CPython's threading.get_ident() is the
+    // same value cast to an unsigned long.
+    unsafe { libc::pthread_self() as u64 }
+}
+
+/// `selectors._fileobj_to_fd`: an int, or an object whose `fileno()` gives one.
+fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    let fd: i64 = if obj.is_instance_of::<PyInt>() {
+        obj.extract()?
+    } else {
+        let invalid = || {
+            PyValueError::new_err(format!(
+                "Invalid file object: {}",
+                obj.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))
+        };
+        let n = obj
+            .call_method0(intern!(obj.py(), "fileno"))
+            .map_err(|_| invalid())?;
+        n.call_method0(intern!(obj.py(), "__index__"))
+            .or_else(|_| obj.py().get_type::<PyInt>().call1((n,)))
+            .map_err(|_| invalid())?
+            .extract()
+            .map_err(|_| invalid())?
+    };
+    if fd < 0 {
+        return Err(PyValueError::new_err(format!(
+            "Invalid file descriptor: {fd}"
+        )));
+    }
+    RawFd::try_from(fd).map_err(|_| PyValueError::new_err(format!("Invalid file descriptor: {fd}")))
+}
+
+impl LoopCore {
+    fn sched(&self) -> MutexGuard<'_, Scheduler> {
+        lock(&self.sched)
+    }
+
+    fn check_closed(&self) -> PyResult<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(PyRuntimeError::new_err("Event loop is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn is_debug(&self) -> bool {
+        self.debug.load(Ordering::Relaxed)
+    }
+
+    /// The stdlib's `_check_callback` (debug mode adds its thread and coroutine checks;
+    /// the callable check always runs, so a bad argument fails at the call site).
+    fn check_callback(
+        &self,
+        callback: &Bound<'_, PyAny>,
+        method: &str,
+        threadsafe: bool,
+    ) -> PyResult<()> {
+        let py = callback.py();
+        if self.is_debug() {
+            if !threadsafe {
+                self.check_thread()?;
+            }
+            let coroutines = py.import(intern!(py, "asyncio.coroutines"))?;
+            if coroutines
+                .call_method1(intern!(py, "iscoroutine"), (callback,))?
+                .is_truthy()?
+                || coroutines
+                    .call_method1(intern!(py, "iscoroutinefunction"), (callback,))?
+                    .is_truthy()?
+            {
+                return Err(PyTypeError::new_err(format!(
+                    "coroutines cannot be used with {method}()"
+                )));
+            }
+        }
+        if !callback.is_callable() {
+            return Err(PyTypeError::new_err(format!(
+                "a callable object was expected by {method}(), got {}",
+                callback.repr()?
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_thread(&self) -> PyResult<()> {
+        let tid = self.thread_id.load(Ordering::Relaxed);
+        if tid != 0 && tid != current_thread_ident() {
+            return Err(PyRuntimeError::new_err(
+                "Non-thread-safe operation invoked on an event loop other than the current one",
+            ));
+        }
+        Ok(())
+    }
+
+    fn new_handle<'py>(
+        &self,
+        loop_: &'py Bound<'py, PyAny>,
+        func: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> NewHandle<'py> {
+        NewHandle {
+            func,
+            args,
+            context,
+            loop_,
+            debug: self.is_debug(),
+        }
+    }
+
+    fn add_io(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        write: bool,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let this = slf.get();
+        this.check_closed()?;
+        let fd = fileobj_to_fd(fd)?;
+        let method = if write { "add_writer" } else { "add_reader" };
+        this.check_callback(&callback, method, false)?;
+        let handle = this
+            .new_handle(slf.as_any(), callback, args, None)
+            .handle()?;
+        let old = this
+            .reactor
+            .add(fd, write, handle.clone_ref(slf.py()))
+            .map_err(os_error)?;
+        if let Some(old) = old {
+            Handle::cancel_now(old.bind(slf.py()))?;
+        }
+        Ok(handle)
+    }
+
+    fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, write: bool) -> PyResult<bool> {
+        let this = slf.get();
+        if this.closed.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let fd = fileobj_to_fd(fd)?;
+        match this.reactor.remove(fd, write) {
+            Some(old) => {
+                Handle::cancel_now(old.bind(slf.py()))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// One iteration (see the module docs).
+    fn run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let timeout = {
+            let mut s = this.sched();
+            s.timers.purge();
+            if !s.ready.is_empty() || this.stopping.load(Ordering::Relaxed) {
+                Some(0.0)
+            } else {
+                s.timers
+                    .next_deadline()
+                    .map(|when| (when - monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT))
+            }
+        };
+        let readiness = this.reactor.poll(py, timeout).map_err(os_error)?;
+        if readiness.interrupted {
+            // Runs Python-level signal handlers; SIGINT's default one raises
+            // KeyboardInterrupt here, before any queued callback is taken.
+            py.check_signals()?;
+        }
+        let (signalled, stale_signals) = if readiness.signals {
+            lock(&this.signals).take_pending(py)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        for sig in stale_signals {
+            slf.call_method1(intern!(py, "remove_signal_handler"), (sig,))?;
+        }
+        let mut batch = {
+            let mut guard = this.sched();
+            let s = &mut *guard;
+            s.ready.extend(readiness.handles);
+            s.ready.extend(signalled);
+            let end = monotonic() + CLOCK_RESOLUTION;
+            let ready = &mut s.ready;
+            s.timers.pop_due(end, |h| ready.push_back(h));
+            let spare = std::mem::take(&mut s.spare);
+            std::mem::replace(&mut s.ready, spare)
+        };
+        let debug = this.is_debug();
+        while let Some(handle) = batch.pop_front() {
+            let h = handle.bind(py);
+            if h.get().is_cancelled() {
+                continue;
+            }
+            let result = if debug {
+                this.run_timed(slf, h)
+            } else {
+                Handle::run(h)
+            };
+            if let Err(err) = result {
+                // Whatever was not run stays queued, ahead of what was added since.
+                let mut s = this.sched();
+                while let Some(rest) = batch.pop_back() {
+                    s.ready.push_front(rest);
+                }
+                return Err(err);
+            }
+        }
+        let mut s = this.sched();
+        if s.spare.capacity() < batch.capacity() {
+            s.spare = batch;
+        }
+        Ok(())
+    }
+
+    fn run_timed(&self, slf: &Bound<'_, Self>, h: &Bound<'_, Handle>) -> PyResult<()> {
+        let t0 = monotonic();
+        let result = Handle::run(h);
+        let dt = monotonic() - t0;
+        if dt >= *lock(&self.slow_callback_duration) {
+            slf.call_method1(intern!(slf.py(), "_log_slow_callback"), (h, dt))?;
+        }
+        result
+    }
+}
+
+#[pymethods]
+impl LoopCore {
+    #[new]
+    fn new() -> PyResult<Self> {
+        Ok(Self {
+            sched: Mutex::new(Scheduler::default()),
+            reactor: Reactor::new().map_err(os_error)?,
+            signals: Mutex::new(Signals::default()),
+            closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            thread_id: AtomicU64::new(0),
+            debug: AtomicBool::new(false),
+            slow_callback_duration: Mutex::new(0.1),
+        })
+    }
+
+    /// The loop clock: `time.monotonic()`.
+    fn time(&self) -> f64 {
+        monotonic()
+    }
+
+    /// Schedules `callback(*args)` for the next iteration.
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon(
+        slf: &Bound<'_, Self>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let this = slf.get();
+        this.check_closed()?;
+        this.check_callback(&callback, "call_soon", false)?;
+        let handle = this
+            .new_handle(slf.as_any(), callback, args, context)
+            .handle()?;
+        this.sched().ready.push_back(handle.clone_ref(slf.py()));
+        Ok(handle)
+    }
+
+    /// `call_soon` from any thread: also wakes the loop if it is waiting for I/O.
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon_threadsafe(
+        slf: &Bound<'_, Self>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let this = slf.get();
+        this.check_closed()?;
+        this.check_callback(&callback, "call_soon_threadsafe", true)?;
+        let handle = this
+            .new_handle(slf.as_any(), callback, args, context)
+            .handle()?;
+        this.sched().ready.push_back(handle.clone_ref(slf.py()));
+        if this.thread_id.load(Ordering::Relaxed) != current_thread_ident() {
+            this.reactor.wake();
+        }
+        Ok(handle)
+    }
+
+    /// Schedules `callback(*args)` after `delay` seconds.
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later(
+        slf: &Bound<'_, Self>,
+        delay: Option<f64>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let delay = delay.ok_or_else(|| PyTypeError::new_err("delay must not be None"))?;
+        Self::schedule_at(slf, monotonic() + delay, callback, args, context)
+    }
+
+    /// Schedules `callback(*args)` at `when` on the loop clock.
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at(
+        slf: &Bound<'_, Self>,
+        when: Option<f64>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let when = when.ok_or_else(|| PyTypeError::new_err("when cannot be None"))?;
+        Self::schedule_at(slf, when, callback, args, context)
+    }
+
+    /// Runs one iteration (exposed for tests and for `run_forever`'s Python half).
+    fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::run_once(slf)
+    }
+
+    /// Iterates until `stop()` is called; the stop flag is cleared on the way out.
+    fn _run_forever_core(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let this = slf.get();
+        let result = loop {
+            if let Err(e) = Self::run_once(slf) {
+                break Err(e);
+            }
+            if this.stopping.load(Ordering::Relaxed) {
+                break Ok(());
+            }
+        };
+        this.stopping.store(false, Ordering::Relaxed);
+        result
+    }
+
+    /// Makes `run_forever` return after the current iteration.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let tid = self.thread_id.load(Ordering::Relaxed);
+        if tid != 0 && tid != current_thread_ident() {
+            self.reactor.wake();
+        }
+    }
+
+    #[getter]
+    fn _stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// True while `run_forever`/`run_until_complete` runs.
+    fn is_running(&self) -> bool {
+        self.thread_id.load(Ordering::Relaxed) != 0
+    }
+
+    /// True once `close()` was called.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn _check_closed(&self) -> PyResult<()> {
+        self.check_closed()
+    }
+
+    #[getter(_thread_id)]
+    fn thread_id_get(&self) -> Option<u64> {
+        match self.thread_id.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    #[setter(_thread_id)]
+    fn thread_id_set(&self, value: Option<u64>) {
+        self.thread_id.store(value.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Debug mode flag.
+    fn get_debug(&self) -> bool {
+        self.is_debug()
+    }
+
+    #[getter(_debug)]
+    fn debug_get(&self) -> bool {
+        self.is_debug()
+    }
+
+    #[setter(_debug)]
+    fn debug_set(&self, value: bool) {
+        self.debug.store(value, Ordering::Relaxed);
+    }
+
+    /// In debug mode, callbacks running at least this long are logged.
+    #[getter]
+    fn get_slow_callback_duration(&self) -> f64 {
+        *lock(&self.slow_callback_duration)
+    }
+
+    #[setter]
+    fn set_slow_callback_duration(&self, value: f64) {
+        *lock(&self.slow_callback_duration) = value;
+    }
+
+    /// Wakes the loop's wait from any thread.
+    fn _write_to_self(&self) {
+        self.reactor.wake();
+    }
+
+    /// Calls `callback(*args)` whenever `fd` is readable.
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_reader(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
+        Self::add_io(slf, fd, false, callback, args).map(drop)
+    }
+
+    /// `add_reader`, returning the handle.
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_reader(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        Self::add_io(slf, fd, false, callback, args)
+    }
+
+    /// Stops watching `fd` for reading; True if it was watched.
+    fn remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Self::remove_io(slf, fd, false)
+    }
+
+    /// Calls `callback(*args)` whenever `fd` is writable.
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_writer(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
+        Self::add_io(slf, fd, true, callback, args).map(drop)
+    }
+
+    /// `add_writer`, returning the handle.
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_writer(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        Self::add_io(slf, fd, true, callback, args)
+    }
+
+    /// Stops watching `fd` for writing; True if it was watched.
+    fn remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Self::remove_io(slf, fd, true)
+    }
+
+    /// Whether `fd` has a reader (`write=False`) or writer callback.
+    #[pyo3(signature = (fd, write=false))]
+    fn _has_io(&self, fd: &Bound<'_, PyAny>, write: bool) -> PyResult<bool> {
+        Ok(self.reactor.has(fileobj_to_fd(fd)?, write))
+    }
+
+    /// The fd to give `signal.set_wakeup_fd`, created on first use.
+    fn _signal_wakeup_fd(&self) -> PyResult<RawFd> {
+        let (wfd, new_read_end) = lock(&self.signals).wakeup_fd().map_err(os_error)?;
+        if let Some(rfd) = new_read_end {
+            self.reactor
+                .add_internal(rfd, SIGNAL_TOKEN)
+                .map_err(os_error)?;
+        }
+        Ok(wfd)
+    }
+
+    /// Registers (or with None, unregisters) the handle run when `sig` arrives; returns
+    /// whether one was registered before.
+    fn _signal_set(&self, sig: i32, handle: Option<Py<Handle>>) -> bool {
+        let old = lock(&self.signals).set(sig, handle);
+        old.is_some()
+    }
+
+    /// The signals with handlers.
+    fn _signal_registered(&self) -> Vec<i32> {
+        lock(&self.signals).registered()
+    }
+
+    /// A handle for `callback(*args)` that is not scheduled anywhere (signal handlers).
+    #[pyo3(signature = (method, callback, *args))]
+    fn _make_handle(
+        slf: &Bound<'_, Self>,
+        method: &str,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let this = slf.get();
+        this.check_callback(&callback, method, true)?;
+        this.new_handle(slf.as_any(), callback, args, None).handle()
+    }
+
+    /// Number of callbacks queued for the next iteration.
+    fn _ready_count(&self) -> usize {
+        self.sched().ready.len()
+    }
+
+    /// Number of timers in the heap, cancelled ones included.
+    fn _timer_count(&self) -> usize {
+        self.sched().timers.len()
+    }
+
+    /// Marks the loop closed and drops every queued callback, timer and registration.
+    fn _close_core(&self, py: Python<'_>) {
+        self.closed.store(true, Ordering::Relaxed);
+        let (ready, timers) = {
+            let mut s = self.sched();
+            (std::mem::take(&mut s.ready), s.timers.clear())
+        };
+        let registered = self.reactor.clear();
+        // Released here, with the interpreter attached and no lock held: dropping a
+        // handle can run arbitrary finalizers.
+        let _ = py;
+        drop((ready, timers, registered));
+    }
+}
+
+impl LoopCore {
+    fn schedule_at(
+        slf: &Bound<'_, Self>,
+        when: f64,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        if when.is_nan() {
+            return Err(PyValueError::new_err("timer deadline must not be NaN"));
+        }
+        let this = slf.get();
+        this.check_closed()?;
+        this.check_callback(&callback, "call_at", false)?;
+        let counter = this.sched().timers.cancel_counter();
+        let handle = this
+            .new_handle(slf.as_any(), callback, args, context)
+            .timer(when, counter)?;
+        this.sched().timers.push(when, handle.clone_ref(slf.py()));
+        Ok(handle)
+    }
+}

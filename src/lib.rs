@@ -1,0 +1,32 @@
+//! ferroloop's native core: an asyncio event loop in Rust.
+//!
+//! Layout — one module per concept:
+//! - `event_loop`: the loop proper (ready queue, iteration, run/stop/close), `LoopCore`;
+//! - `handles`: `Handle`/`TimerHandle`, what the queues hold;
+//! - `timers`: the timer heap with lazy cancellation;
+//! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
+//! - `signals`: delivery of `add_signal_handler` callbacks;
+//! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
+//! - `pyhelpers`: stdlib helpers the core defers to for user-visible text.
+//!
+//! The Python package (`python/ferroloop`) subclasses `LoopCore` together with
+//! `asyncio.AbstractEventLoop` and adds what runs once per loop or per run.
+
+use pyo3::prelude::*;
+
+pub mod clock;
+pub mod errors;
+pub mod event_loop;
+pub mod handles;
+pub mod pyhelpers;
+pub mod reactor;
+pub mod signals;
+pub mod timers;
+
+#[pymodule]
+fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<event_loop::LoopCore>()?;
+    m.add_class::<handles::Handle>()?;
+    m.add_class::<handles::TimerHandle>()?;
+    Ok(())
+}

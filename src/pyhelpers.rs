@@ -1,0 +1,42 @@
+//! Python objects the core looks up once and keeps: the stdlib helpers it defers to for
+//! text that users compare against (callback formatting, stack extraction).
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
+
+fn cached<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyAny>>,
+    module: &str,
+    attr: &str,
+) -> PyResult<&'py Bound<'py, PyAny>> {
+    cell.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import(module)?.getattr(attr)?.unbind())
+    })
+    .map(|o| o.bind(py))
+}
+
+/// `asyncio.format_helpers._format_callback_source(callback, args)`: the text the stdlib
+/// puts in handle reprs and in "Exception in callback ..." messages.
+pub fn format_callback_source(
+    py: Python<'_>,
+    callback: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+) -> PyResult<String> {
+    static F: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    cached(py, &F, "asyncio.format_helpers", "_format_callback_source")?
+        .call1((callback, args))?
+        .extract()
+}
+
+/// The caller's stack as `asyncio.format_helpers.extract_stack` gives it (debug mode).
+pub fn extract_caller_stack(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    static F: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static GETFRAME: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    // With no Python frame of our own, frame 0 is the Python code that called us.
+    let frame = cached(py, &GETFRAME, "sys", "_getframe")?.call1((0,))?;
+    Ok(cached(py, &F, "asyncio.format_helpers", "extract_stack")?
+        .call1((frame,))?
+        .unbind())
+}

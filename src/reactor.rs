@@ -1,0 +1,374 @@
+//! The I/O multiplexer: epoll, driven directly.
+//!
+//! Why not mio: `add_reader`/`add_writer` promise *level-triggered* callbacks (a reader
+//! that leaves data in the socket is called again next iteration, as with the stdlib's
+//! selectors), and mio only offers edge-triggered registration. Owning the epoll set also
+//! lets the poll wait with nanosecond timeouts (`epoll_pwait2`, Linux 5.11+), so timers
+//! are not rounded up to the next millisecond; older kernels fall back to `epoll_wait`.
+//!
+//! Invariants:
+//! - An fd is in the epoll set exactly when it has a reader or a writer callback here.
+//! - The token of a user fd is the fd itself; the two internal fds (the wake-up eventfd
+//!   and the signal socket) use tokens above any fd.
+//! - The caller (the loop) runs `poll` with the interpreter detached; nothing in the
+//!   wait touches Python objects.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+
+use crate::handles::Handle;
+
+/// Token of the wake-up eventfd.
+pub const WAKER_TOKEN: u64 = u64::MAX;
+/// Token of the signal wake-up socket.
+pub const SIGNAL_TOKEN: u64 = u64::MAX - 1;
+
+const MAX_EVENTS: usize = 1024;
+
+/// Turns a libc `-1` return into the OS error.
+pub fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+#[derive(Default)]
+struct FdEntry {
+    reader: Option<Py<Handle>>,
+    writer: Option<Py<Handle>>,
+}
+
+impl FdEntry {
+    fn mask(&self) -> u32 {
+        let mut m = 0;
+        if self.reader.is_some() {
+            m |= libc::EPOLLIN as u32;
+        }
+        if self.writer.is_some() {
+            m |= libc::EPOLLOUT as u32;
+        }
+        m
+    }
+}
+
+/// What one wait produced, translated for the loop.
+#[derive(Default)]
+pub struct Readiness {
+    /// Reader/writer handles to append to the ready queue, in event order.
+    pub handles: Vec<Py<Handle>>,
+    /// The signal socket became readable.
+    pub signals: bool,
+    /// The wait was interrupted by a signal.
+    pub interrupted: bool,
+}
+
+/// An epoll set plus the callbacks registered on its fds.
+pub struct Reactor {
+    epfd: OwnedFd,
+    waker: OwnedFd,
+    fds: Mutex<HashMap<RawFd, FdEntry>>,
+    events: Mutex<Vec<libc::epoll_event>>,
+    use_pwait2: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Reactor {
+    /// A fresh epoll set with its wake-up eventfd registered.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscalls; each returned fd is owned by exactly one OwnedFd.
+        let epfd = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
+        // SAFETY: as above.
+        let waker = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::eventfd(
+                0,
+                libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
+            ))?)
+        };
+        let r = Self {
+            epfd,
+            waker,
+            fds: Mutex::new(HashMap::new()),
+            events: Mutex::new(Vec::with_capacity(MAX_EVENTS)),
+            use_pwait2: AtomicBool::new(true),
+        };
+        r.ctl(
+            libc::EPOLL_CTL_ADD,
+            r.waker.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            WAKER_TOKEN,
+        )?;
+        Ok(r)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) }).map(drop)
+    }
+
+    /// Sets `fd`'s interest to `mask`, adding or modifying as the kernel's set requires
+    /// (the kernel drops closed fds on its own, so our view can be stale).
+    fn apply(&self, fd: RawFd, mask: u32, known: bool) -> io::Result<()> {
+        let (first, second) = if known {
+            (libc::EPOLL_CTL_MOD, libc::EPOLL_CTL_ADD)
+        } else {
+            (libc::EPOLL_CTL_ADD, libc::EPOLL_CTL_MOD)
+        };
+        match self.ctl(first, fd, mask, fd as u64) {
+            Err(e)
+                if (known && e.raw_os_error() == Some(libc::ENOENT))
+                    || (!known && e.raw_os_error() == Some(libc::EEXIST)) =>
+            {
+                self.ctl(second, fd, mask, fd as u64)
+            }
+            r => r,
+        }
+    }
+
+    /// Registers an internal fd (signal socket) for reading under `token`.
+    pub fn add_internal(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
+    }
+
+    /// Installs `handle` as `fd`'s reader (`write == false`) or writer, returning the
+    /// handle it replaces.
+    pub fn add(
+        &self,
+        fd: RawFd,
+        write: bool,
+        handle: Py<Handle>,
+    ) -> io::Result<Option<Py<Handle>>> {
+        let mut fds = lock(&self.fds);
+        let known = fds.contains_key(&fd);
+        let entry = fds.entry(fd).or_default();
+        let slot = if write {
+            &mut entry.writer
+        } else {
+            &mut entry.reader
+        };
+        let old = slot.replace(handle);
+        let mask = entry.mask();
+        if let Err(e) = self.apply(fd, mask, known) {
+            // Leave the table as it was.
+            let entry = fds.get_mut(&fd).expect("entry inserted above");
+            let slot = if write {
+                &mut entry.writer
+            } else {
+                &mut entry.reader
+            };
+            *slot = old;
+            if entry.mask() == 0 {
+                fds.remove(&fd);
+            }
+            return Err(e);
+        }
+        Ok(old)
+    }
+
+    /// Removes `fd`'s reader or writer, returning it if there was one.
+    pub fn remove(&self, fd: RawFd, write: bool) -> Option<Py<Handle>> {
+        self.remove_locked(&mut lock(&self.fds), fd, write)
+    }
+
+    fn remove_locked(
+        &self,
+        fds: &mut HashMap<RawFd, FdEntry>,
+        fd: RawFd,
+        write: bool,
+    ) -> Option<Py<Handle>> {
+        let entry = fds.get_mut(&fd)?;
+        let old = if write {
+            entry.writer.take()
+        } else {
+            entry.reader.take()
+        }?;
+        let mask = entry.mask();
+        if mask == 0 {
+            fds.remove(&fd);
+            // The fd may already be closed (EBADF) or gone from the set (ENOENT): either
+            // way it is no longer watched, which is what we want.
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+        } else {
+            let _ = self.ctl(libc::EPOLL_CTL_MOD, fd, mask, fd as u64);
+        }
+        Some(old)
+    }
+
+    /// Whether `fd` has a reader (`write == false`) or writer callback.
+    pub fn has(&self, fd: RawFd, write: bool) -> bool {
+        lock(&self.fds).get(&fd).is_some_and(|e| {
+            if write {
+                e.writer.is_some()
+            } else {
+                e.reader.is_some()
+            }
+        })
+    }
+
+    /// Drops every registration (loop close); the handles are returned to be released
+    /// with the interpreter attached.
+    pub fn clear(&self) -> Vec<Py<Handle>> {
+        let mut fds = lock(&self.fds);
+        let mut out = Vec::new();
+        for (fd, e) in fds.drain() {
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+            out.extend(e.reader);
+            out.extend(e.writer);
+        }
+        out
+    }
+
+    /// Wakes a `wait` in progress (or makes the next one return at once).
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full counter
+        // (EAGAIN) already guarantees a wake-up, so the result is ignored.
+        unsafe {
+            libc::write(
+                self.waker.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    fn drain_waker(&self) {
+        let mut buf: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.waker.as_raw_fd(),
+                (&mut buf as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    /// Waits up to `timeout` seconds (`None`: forever) with the interpreter detached,
+    /// then maps the events to callbacks.
+    pub fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> io::Result<Readiness> {
+        let mut events = std::mem::take(&mut *lock(&self.events));
+        events.clear();
+        let use_pwait2 = self.use_pwait2.load(Ordering::Relaxed);
+        let (n, pwait2_missing) = py.detach(|| {
+            let n = wait(self.epfd.as_raw_fd(), &mut events, timeout, use_pwait2);
+            match n {
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => (
+                    wait(self.epfd.as_raw_fd(), &mut events, timeout, false),
+                    true,
+                ),
+                n => (n, false),
+            }
+        });
+        if pwait2_missing {
+            self.use_pwait2.store(false, Ordering::Relaxed);
+        }
+        let mut out = Readiness::default();
+        match n {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => out.interrupted = true,
+            Err(e) => {
+                *lock(&self.events) = events;
+                return Err(e);
+            }
+        }
+        {
+            let mut fds = lock(&self.fds);
+            // A cancelled reader/writer is unregistered instead of run (as the stdlib
+            // does); left in a level-triggered set it would wake every poll.
+            let mut stale: Vec<(RawFd, bool)> = Vec::new();
+            for ev in &events {
+                let (flags, token) = (ev.events, ev.u64);
+                match token {
+                    WAKER_TOKEN => self.drain_waker(),
+                    SIGNAL_TOKEN => out.signals = true,
+                    fd => {
+                        let fd = fd as RawFd;
+                        let Some(entry) = fds.get(&fd) else {
+                            continue;
+                        };
+                        // Like selectors: anything beyond "only writable" wakes the reader,
+                        // anything beyond "only readable" wakes the writer (HUP/ERR wake both).
+                        let wakes = [
+                            (flags & !(libc::EPOLLOUT as u32) != 0, &entry.reader, false),
+                            (flags & !(libc::EPOLLIN as u32) != 0, &entry.writer, true),
+                        ];
+                        for (hit, slot, write) in wakes {
+                            match slot {
+                                Some(h) if hit && h.get().is_cancelled() => stale.push((fd, write)),
+                                Some(h) if hit => out.handles.push(h.clone_ref(py)),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+            for (fd, write) in stale {
+                drop(self.remove_locked(&mut fds, fd, write));
+            }
+        }
+        *lock(&self.events) = events;
+        Ok(out)
+    }
+}
+
+/// One `epoll_pwait2`/`epoll_wait` call into `events`' spare capacity.
+fn wait(
+    epfd: RawFd,
+    events: &mut Vec<libc::epoll_event>,
+    timeout: Option<f64>,
+    use_pwait2: bool,
+) -> io::Result<usize> {
+    events.clear();
+    let cap = events.capacity().clamp(1, MAX_EVENTS);
+    let n = if use_pwait2 {
+        let ts = timeout.map(|t| {
+            let ns = (t.max(0.0) * 1e9).ceil() as u64;
+            libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            }
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `events` has room for `cap` entries; `tsp` is null or points to a live
+        // timespec; a null sigmask leaves the signal mask alone.
+        unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                epfd,
+                events.as_mut_ptr(),
+                cap as libc::c_int,
+                tsp,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        }
+    } else {
+        // Round up: waking a little late is fine, waking early is not.
+        let ms = timeout.map_or(-1, |t| {
+            (t.max(0.0) * 1e3).ceil().min(i32::MAX as f64) as i32
+        });
+        // SAFETY: `events` has room for `cap` entries.
+        unsafe {
+            libc::epoll_wait(epfd, events.as_mut_ptr(), cap as libc::c_int, ms) as libc::c_long
+        }
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised the first `n` (≤ cap) entries.
+    unsafe { events.set_len(n as usize) };
+    Ok(n as usize)
+}

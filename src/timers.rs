@@ -1,0 +1,296 @@
+//! The timer heap behind `call_later`/`call_at`.
+//!
+//! Invariants:
+//! - Entries are ordered by deadline, then by insertion sequence, so equal deadlines
+//!   fire in FIFO order (the stdlib gets the same from `heapq` plus handle identity).
+//! - Cancellation is lazy: a cancelled timer stays in the heap until it reaches the top,
+//!   or until cancelled timers make up more than half of a heap of more than
+//!   [`MIN_SCHEDULED`] entries, when the heap is rebuilt without them (the stdlib's rule).
+//! - The cancelled count is shared with the handles (an `Arc<AtomicUsize>`), so a
+//!   handle's `cancel()` is O(1) and never touches the heap.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::Arc;
+
+/// Below this size the heap is never compacted; popping cancelled tops is enough.
+pub const MIN_SCHEDULED: usize = 100;
+
+/// What the heap needs to know about the timers it holds.
+pub trait Timer {
+    /// True once the timer was cancelled; it will be dropped instead of fired.
+    fn is_cancelled(&self) -> bool;
+    /// Called as the timer leaves the heap (fired or dropped).
+    fn unschedule(&self);
+}
+
+struct Entry<T> {
+    when: f64,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for Entry<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl<T> Eq for Entry<T> {}
+impl<T> PartialOrd for Entry<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Entry<T> {
+    // Reversed: `BinaryHeap` is a max-heap and we want the earliest deadline on top.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .when
+            .total_cmp(&self.when)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+/// A min-heap of timers keyed by deadline with lazy cancellation.
+pub struct TimerHeap<T> {
+    heap: BinaryHeap<Entry<T>>,
+    seq: u64,
+    cancelled: Arc<AtomicUsize>,
+}
+
+impl<T: Timer> Default for TimerHeap<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Timer> TimerHeap<T> {
+    /// An empty heap.
+    pub fn new() -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            seq: 0,
+            cancelled: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The counter a timer bumps when it is cancelled while scheduled.
+    pub fn cancel_counter(&self) -> Arc<AtomicUsize> {
+        self.cancelled.clone()
+    }
+
+    /// Number of entries, cancelled ones included.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// True when no timer is scheduled.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
+    /// Schedules `item` at `when` (seconds on the loop clock; never NaN).
+    pub fn push(&mut self, when: f64, item: T) {
+        debug_assert!(!when.is_nan());
+        self.seq += 1;
+        self.heap.push(Entry {
+            when,
+            seq: self.seq,
+            item,
+        });
+    }
+
+    /// Drops cancelled timers: all of them when they dominate the heap, otherwise only
+    /// those at the top, so that [`Self::next_deadline`] is a live timer's.
+    pub fn purge(&mut self) {
+        let n = self.heap.len();
+        let cancelled = self.cancelled.load(AtomicOrdering::Relaxed);
+        if n > MIN_SCHEDULED && cancelled * 2 > n {
+            self.heap.retain(|e| {
+                if e.item.is_cancelled() {
+                    e.item.unschedule();
+                    false
+                } else {
+                    true
+                }
+            });
+            self.cancelled.store(0, AtomicOrdering::Relaxed);
+            return;
+        }
+        while let Some(top) = self.heap.peek() {
+            if !top.item.is_cancelled() {
+                break;
+            }
+            let e = self.heap.pop().expect("peeked entry exists");
+            e.item.unschedule();
+            self.note_dropped();
+        }
+    }
+
+    fn note_dropped(&self) {
+        // Saturating: a timer cancelled after it was counted out must not wrap.
+        let _ =
+            self.cancelled
+                .fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |c| {
+                    Some(c.saturating_sub(1))
+                });
+    }
+
+    /// Deadline of the earliest entry (call [`Self::purge`] first to skip cancelled ones).
+    pub fn next_deadline(&self) -> Option<f64> {
+        self.heap.peek().map(|e| e.when)
+    }
+
+    /// Removes every live timer due before `end`, in deadline-then-FIFO order, handing
+    /// each to `fire`; cancelled ones met on the way are dropped.
+    pub fn pop_due(&mut self, end: f64, mut fire: impl FnMut(T)) {
+        while let Some(top) = self.heap.peek() {
+            if top.when >= end {
+                break;
+            }
+            let e = self.heap.pop().expect("peeked entry exists");
+            e.item.unschedule();
+            if e.item.is_cancelled() {
+                self.note_dropped();
+            } else {
+                fire(e.item);
+            }
+        }
+    }
+
+    /// Removes everything (loop close).
+    pub fn clear(&mut self) -> Vec<T> {
+        self.cancelled.store(0, AtomicOrdering::Relaxed);
+        self.heap.drain().map(|e| e.item).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    #[derive(Clone)]
+    struct T {
+        id: u32,
+        cancelled: Rc<Cell<bool>>,
+        scheduled: Rc<Cell<bool>>,
+    }
+    impl Timer for T {
+        fn is_cancelled(&self) -> bool {
+            self.cancelled.get()
+        }
+        fn unschedule(&self) {
+            self.scheduled.set(false);
+        }
+    }
+    fn t(id: u32) -> T {
+        T {
+            id,
+            cancelled: Rc::new(Cell::new(false)),
+            scheduled: Rc::new(Cell::new(true)),
+        }
+    }
+    fn cancel(heap: &TimerHeap<T>, t: &T) {
+        t.cancelled.set(true);
+        if t.scheduled.get() {
+            heap.cancel_counter().fetch_add(1, AtomicOrdering::Relaxed);
+        }
+    }
+    fn due(heap: &mut TimerHeap<T>, end: f64) -> Vec<u32> {
+        let mut out = vec![];
+        heap.pop_due(end, |t| out.push(t.id));
+        out
+    }
+
+    #[test]
+    fn earliest_deadline_fires_first() {
+        let mut h = TimerHeap::new();
+        h.push(3.0, t(3));
+        h.push(1.0, t(1));
+        h.push(2.0, t(2));
+        assert_eq!(due(&mut h, 10.0), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn equal_deadlines_fire_in_fifo_order() {
+        let mut h = TimerHeap::new();
+        for id in 0..50 {
+            h.push(5.0, t(id));
+        }
+        assert_eq!(due(&mut h, 6.0), (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn timer_due_exactly_at_end_is_not_fired() {
+        let mut h = TimerHeap::new();
+        h.push(2.0, t(1));
+        assert!(due(&mut h, 2.0).is_empty());
+        assert_eq!(due(&mut h, 2.0 + 1e-9), vec![1]);
+    }
+
+    #[test]
+    fn cancelled_timers_never_fire() {
+        let mut h = TimerHeap::new();
+        let a = t(1);
+        h.push(1.0, a.clone());
+        h.push(2.0, t(2));
+        cancel(&h, &a);
+        assert_eq!(due(&mut h, 10.0), vec![2]);
+        assert_eq!(h.cancel_counter().load(AtomicOrdering::Relaxed), 0);
+    }
+
+    #[test]
+    fn purge_skips_cancelled_tops_for_next_deadline() {
+        let mut h = TimerHeap::new();
+        let a = t(1);
+        h.push(1.0, a.clone());
+        h.push(4.0, t(2));
+        cancel(&h, &a);
+        h.purge();
+        assert_eq!(h.next_deadline(), Some(4.0));
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn heap_is_compacted_when_most_timers_are_cancelled() {
+        let mut h = TimerHeap::new();
+        let timers: Vec<T> = (0..1000).map(t).collect();
+        for (i, x) in timers.iter().enumerate() {
+            h.push(i as f64, x.clone());
+        }
+        // Cancel the late ones, which a top-only purge would never reach.
+        for x in &timers[300..] {
+            cancel(&h, x);
+        }
+        h.purge();
+        assert_eq!(h.len(), 300);
+        assert!(!timers[999].scheduled.get());
+        assert_eq!(h.cancel_counter().load(AtomicOrdering::Relaxed), 0);
+    }
+
+    #[test]
+    fn small_heap_is_not_compacted() {
+        let mut h = TimerHeap::new();
+        let timers: Vec<T> = (0..10).map(t).collect();
+        for (i, x) in timers.iter().enumerate() {
+            h.push(i as f64, x.clone());
+        }
+        for x in &timers[5..] {
+            cancel(&h, x);
+        }
+        h.purge();
+        assert_eq!(h.len(), 10);
+        assert_eq!(due(&mut h, 100.0), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn infinite_deadline_is_never_due() {
+        let mut h = TimerHeap::new();
+        h.push(f64::INFINITY, t(1));
+        assert!(due(&mut h, 1e300).is_empty());
+        assert_eq!(h.len(), 1);
+    }
+}
