@@ -127,6 +127,7 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
                     f"Closing the loop {self!r} on interpreter shutdown "
                     f"stage, skipping signal handlers removal",
                     ResourceWarning,
+                    stacklevel=2,
                     source=self,
                 )
                 for sig in registered:
@@ -218,11 +219,7 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
         exception = context.get("exception")
         exc_info = (type(exception), exception, exception.__traceback__) if exception else False
         current = self._current_handle
-        if (
-            "source_traceback" not in context
-            and current is not None
-            and current._source_traceback
-        ):
+        if "source_traceback" not in context and current is not None and current._source_traceback:
             context["handle_traceback"] = current._source_traceback
         lines = [message]
         for key in sorted(context):
@@ -286,6 +283,7 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
                 f"asynchronous generator {agen!r} was scheduled after "
                 f"loop.shutdown_asyncgens() call",
                 ResourceWarning,
+                stacklevel=2,
                 source=self,
             )
         self._asyncgens.add(agen)

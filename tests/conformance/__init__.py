@@ -1,0 +1,1 @@
+"""Conformance runner: CPython's own asyncio test-suite run against ferroloop."""
