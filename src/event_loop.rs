@@ -189,7 +189,7 @@ impl LoopCore {
         this.check_callback(&callback, method, false)?;
         let handle = this
             .new_handle(slf.as_any(), callback, args, None)
-            .handle()?;
+            .handle(false)?;
         let old = this
             .reactor
             .add(fd, write, handle.clone_ref(slf.py()))
@@ -327,7 +327,7 @@ impl LoopCore {
         this.check_callback(&callback, "call_soon", false)?;
         let handle = this
             .new_handle(slf.as_any(), callback, args, context)
-            .handle()?;
+            .handle(true)?;
         this.sched().ready.push_back(handle.clone_ref(slf.py()));
         Ok(handle)
     }
@@ -345,7 +345,7 @@ impl LoopCore {
         this.check_callback(&callback, "call_soon_threadsafe", true)?;
         let handle = this
             .new_handle(slf.as_any(), callback, args, context)
-            .handle()?;
+            .handle(true)?;
         this.sched().ready.push_back(handle.clone_ref(slf.py()));
         if this.thread_id.load(Ordering::Relaxed) != current_thread_ident() {
             this.reactor.wake();
@@ -564,7 +564,8 @@ impl LoopCore {
     ) -> PyResult<Py<Handle>> {
         let this = slf.get();
         this.check_callback(&callback, method, true)?;
-        this.new_handle(slf.as_any(), callback, args, None).handle()
+        this.new_handle(slf.as_any(), callback, args, None)
+            .handle(false)
     }
 
     /// Number of callbacks queued for the next iteration.

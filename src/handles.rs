@@ -37,6 +37,9 @@ pub struct Handle {
     loop_: Py<PyAny>,
     cancelled: AtomicBool,
     debug: bool,
+    /// Runs at most once (`call_soon`/`call_later`), unlike reader, writer and signal
+    /// handles; such a handle drops its callback after running (see [`untracked`]).
+    oneshot: bool,
     /// In debug mode the repr is kept at cancel time, when the callback is dropped.
     repr_at_cancel: Mutex<Option<String>>,
     source_traceback: Option<Py<PyAny>>,
@@ -57,7 +60,7 @@ pub(crate) struct NewHandle<'py> {
 }
 
 impl NewHandle<'_> {
-    fn build(self, timer: Option<TimerState>) -> PyResult<Handle> {
+    fn build(self, timer: Option<TimerState>, oneshot: bool) -> PyResult<Handle> {
         let py = self.func.py();
         let context = match self.context {
             Some(c) => c.unbind(),
@@ -81,16 +84,18 @@ impl NewHandle<'_> {
             loop_: self.loop_.clone().unbind(),
             cancelled: AtomicBool::new(false),
             debug: self.debug,
+            oneshot,
             repr_at_cancel: Mutex::new(None),
             source_traceback,
             timer,
         })
     }
 
-    /// A plain handle.
-    pub fn handle(self) -> PyResult<Py<Handle>> {
+    /// A plain handle; `oneshot` for `call_soon`, not for I/O or signal callbacks.
+    pub fn handle(self, oneshot: bool) -> PyResult<Py<Handle>> {
         let py = self.func.py();
-        Py::new(py, self.build(None)?)
+        let debug = self.debug;
+        Ok(untracked(Py::new(py, self.build(None, oneshot)?)?, debug))
     }
 
     /// A timer handle due at `when`, counted in `cancel_count` if cancelled while scheduled.
@@ -101,9 +106,32 @@ impl NewHandle<'_> {
             scheduled: AtomicBool::new(true),
             cancel_count,
         };
-        let init = PyClassInitializer::from(self.build(Some(state))?).add_subclass(TimerHandle);
-        Ok(Bound::new(py, init)?.into_super().unbind())
+        let debug = self.debug;
+        let init =
+            PyClassInitializer::from(self.build(Some(state), true)?).add_subclass(TimerHandle);
+        Ok(untracked(
+            Bound::new(py, init)?.into_super().unbind(),
+            debug,
+        ))
     }
+}
+
+/// Takes a new handle out of the cyclic garbage collector's lists (outside debug mode).
+///
+/// Handles are short-lived and numerous (one per task step); tracked, a queue of a
+/// million of them makes every collection walk them all, which cost more than
+/// scheduling itself. The collector cannot see an untracked object's references, so a
+/// cycle through one would never be freed; handles therefore hold their callback only
+/// while the loop holds them: a one-shot handle drops it once run, a cancelled one at
+/// once, and `close()` drops every queued or registered handle. In debug mode handles
+/// stay tracked and keep their callback, as the stdlib's do, for the reports.
+fn untracked(handle: Py<Handle>, debug: bool) -> Py<Handle> {
+    if !debug {
+        // SAFETY: the object is fully initialised and tracked (PyO3 allocates its
+        // classes with Py_TPFLAGS_HAVE_GC and tracks them); untracking is allowed.
+        unsafe { ffi::PyObject_GC_UnTrack(handle.as_ptr().cast()) };
+    }
+    handle
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,6 +184,9 @@ impl Handle {
             None => return Ok(()),
         };
         let result = run_in_context(py, this.context.bind(py), func.bind(py), args.bind(py));
+        if this.oneshot && !this.debug {
+            drop(lock(&this.callback).take());
+        }
         match result {
             Ok(()) => Ok(()),
             Err(err) if is_fatal(py, &err) => Err(err),
