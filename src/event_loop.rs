@@ -14,7 +14,6 @@
 //! `call_soon_threadsafe`, which appends under the queue's lock and wakes the wait; no
 //! lock is ever held while Python code runs or while the interpreter is detached.
 
-use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -28,6 +27,7 @@ use crate::clock::monotonic;
 use crate::errors::os_error;
 use crate::handles::{Handle, NewHandle};
 use crate::reactor::{Reactor, SIGNAL_TOKEN};
+use crate::ready::ReadyQueue;
 use crate::signals::Signals;
 use crate::timers::TimerHeap;
 
@@ -38,9 +38,7 @@ const CLOCK_RESOLUTION: f64 = 1e-9;
 
 #[derive(Default)]
 struct Scheduler {
-    ready: VecDeque<Py<Handle>>,
-    /// The previous batch's emptied queue, kept to reuse its allocation.
-    spare: VecDeque<Py<Handle>>,
+    ready: ReadyQueue<Py<Handle>>,
     timers: TimerHeap<Py<Handle>>,
 }
 
@@ -252,8 +250,7 @@ impl LoopCore {
             let end = monotonic() + CLOCK_RESOLUTION;
             let ready = &mut s.ready;
             s.timers.pop_due(end, |h| ready.push_back(h));
-            let spare = std::mem::take(&mut s.spare);
-            std::mem::replace(&mut s.ready, spare)
+            s.ready.take_batch()
         };
         let debug = this.is_debug();
         while let Some(handle) = batch.pop_front() {
@@ -267,18 +264,11 @@ impl LoopCore {
                 Handle::run(h)
             };
             if let Err(err) = result {
-                // Whatever was not run stays queued, ahead of what was added since.
-                let mut s = this.sched();
-                while let Some(rest) = batch.pop_back() {
-                    s.ready.push_front(rest);
-                }
+                this.sched().ready.requeue_front(batch);
                 return Err(err);
             }
         }
-        let mut s = this.sched();
-        if s.spare.capacity() < batch.capacity() {
-            s.spare = batch;
-        }
+        this.sched().ready.recycle(batch);
         Ok(())
     }
 
@@ -583,7 +573,7 @@ impl LoopCore {
         self.closed.store(true, Ordering::Relaxed);
         let (ready, timers) = {
             let mut s = self.sched();
-            (std::mem::take(&mut s.ready), s.timers.clear())
+            (s.ready.clear(), s.timers.clear())
         };
         let registered = self.reactor.clear();
         // Released here, with the interpreter attached and no lock held: dropping a

@@ -3,6 +3,7 @@
 //! Layout — one module per concept:
 //! - `event_loop`: the loop proper (ready queue, iteration, run/stop/close), `LoopCore`;
 //! - `handles`: `Handle`/`TimerHandle`, what the queues hold;
+//! - `ready`: the ready queue and its per-iteration batches;
 //! - `timers`: the timer heap with lazy cancellation;
 //! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
@@ -20,6 +21,7 @@ pub mod event_loop;
 pub mod handles;
 pub mod pyhelpers;
 pub mod reactor;
+pub mod ready;
 pub mod signals;
 pub mod timers;
 

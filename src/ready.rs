@@ -1,0 +1,139 @@
+//! The ready queue: callbacks to run in the current or next iteration.
+//!
+//! Invariants:
+//! - An iteration runs exactly the callbacks queued when it took its batch
+//!   ([`ReadyQueue::take_batch`]); what they schedule lands in the queue proper and waits
+//!   for the next iteration, as in the stdlib (`ntodo = len(self._ready)`).
+//! - If running a batch is cut short (KeyboardInterrupt, SystemExit), the callbacks not
+//!   yet run go back to the front in their order ([`ReadyQueue::requeue_front`]), ahead of
+//!   anything queued since: a queued callback is never lost.
+//! - Taking a batch swaps two buffers, so steady-state iterations do not allocate.
+
+use std::collections::VecDeque;
+
+/// FIFO of ready callbacks with batch hand-off.
+pub struct ReadyQueue<T> {
+    queue: VecDeque<T>,
+    spare: VecDeque<T>,
+}
+
+impl<T> Default for ReadyQueue<T> {
+    fn default() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            spare: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> ReadyQueue<T> {
+    /// Queues `item` behind everything already queued.
+    pub fn push_back(&mut self, item: T) {
+        self.queue.push_back(item);
+    }
+
+    /// Number of queued callbacks.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Takes everything queued so far, leaving the queue empty.
+    pub fn take_batch(&mut self) -> VecDeque<T> {
+        let spare = std::mem::take(&mut self.spare);
+        std::mem::replace(&mut self.queue, spare)
+    }
+
+    /// Puts the unrun rest of a batch back in front, in its order.
+    pub fn requeue_front(&mut self, mut rest: VecDeque<T>) {
+        while let Some(item) = rest.pop_back() {
+            self.queue.push_front(item);
+        }
+    }
+
+    /// Returns a drained batch so its allocation serves the next one.
+    pub fn recycle(&mut self, batch: VecDeque<T>) {
+        debug_assert!(batch.is_empty());
+        if self.spare.capacity() < batch.capacity() {
+            self.spare = batch;
+        }
+    }
+
+    /// Removes everything (loop close).
+    pub fn clear(&mut self) -> VecDeque<T> {
+        std::mem::take(&mut self.queue)
+    }
+}
+
+impl<T> Extend<T> for ReadyQueue<T> {
+    fn extend<I: IntoIterator<Item = T>>(&mut self, iter: I) {
+        self.queue.extend(iter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_holds_only_what_was_queued_before_it_was_taken() {
+        let mut q = ReadyQueue::default();
+        q.push_back(1);
+        q.push_back(2);
+        let mut batch = q.take_batch();
+        // A callback in the batch schedules another one.
+        q.push_back(3);
+        assert_eq!(batch.pop_front(), Some(1));
+        assert_eq!(batch.pop_front(), Some(2));
+        assert_eq!(batch.pop_front(), None);
+        assert_eq!(q.take_batch().into_iter().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn interrupted_batch_goes_back_ahead_of_newer_callbacks() {
+        let mut q = ReadyQueue::default();
+        q.extend([1, 2, 3, 4]);
+        let mut batch = q.take_batch();
+        assert_eq!(batch.pop_front(), Some(1));
+        q.push_back(5); // scheduled by callback 1
+        q.requeue_front(batch);
+        assert_eq!(
+            q.take_batch().into_iter().collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn recycled_batch_allocation_is_reused() {
+        let mut q = ReadyQueue::default();
+        q.extend(0..1000);
+        let mut batch = q.take_batch();
+        batch.clear();
+        let cap = batch.capacity();
+        q.recycle(batch);
+        q.push_back(1);
+        let next = q.take_batch();
+        assert_eq!(next.len(), 1);
+        // The queue now uses the recycled buffer.
+        q.push_back(2);
+        assert!(q.queue.capacity() >= cap);
+    }
+
+    #[test]
+    fn fifo_order_is_kept() {
+        let mut q = ReadyQueue::default();
+        for i in 0..100 {
+            q.push_back(i);
+        }
+        assert_eq!(q.len(), 100);
+        assert_eq!(
+            q.take_batch().into_iter().collect::<Vec<_>>(),
+            (0..100).collect::<Vec<_>>()
+        );
+        assert!(q.is_empty());
+    }
+}
