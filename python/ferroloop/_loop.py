@@ -13,6 +13,7 @@ import concurrent.futures
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -54,6 +55,8 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
         self._asyncgens_shutdown_called = False
         self._coroutine_origin_tracking_enabled = False
         self._coroutine_origin_tracking_saved_depth = None
+        # Timers due within this of now count as due (the monotonic clock's resolution).
+        self._clock_resolution = time.get_clock_info("monotonic").resolution
         self.set_debug(coroutines._is_debug_mode())
 
     def __repr__(self) -> str:
@@ -149,6 +152,11 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
             _warn(f"unclosed event loop {self!r}", ResourceWarning, source=self)
             if not self.is_running():
                 self.close()
+
+    def _stop_serving(self, sock) -> None:
+        """Stop accepting on a listening socket and close it (``asyncio.Server`` calls it)."""
+        self.remove_reader(sock.fileno())
+        sock.close()
 
     # -- futures and tasks ------------------------------------------------------------
 

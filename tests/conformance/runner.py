@@ -857,6 +857,14 @@ def format_table(results: list[dict], loop: str) -> str:
         for r in results
         if r["status"] != "ok" or r["detail"] or r["restarts"]
     ]
+    if loop != "asyncio":
+        for r in results:
+            escaped = [t for t, rec in r["tests"].items() if rec.get("stdlib_loops", 0) > 0]
+            if escaped:
+                notes.append(
+                    f"  {r['module']}: {len(escaped)} tests created a stdlib selector loop "
+                    f"(e.g. {escaped[0]})"
+                )
     if notes:
         lines += ["", "notes:", *notes]
     lines += [
