@@ -536,6 +536,9 @@ impl LoopCore {
     /// whether one was registered before.
     fn _signal_set(&self, sig: i32, handle: Option<Py<Handle>>) -> bool {
         let old = lock(&self.signals).set(sig, handle);
+        if let Some(old) = &old {
+            old.get().release();
+        }
         old.is_some()
     }
 
@@ -569,17 +572,17 @@ impl LoopCore {
     }
 
     /// Marks the loop closed and drops every queued callback, timer and registration.
-    fn _close_core(&self, py: Python<'_>) {
+    fn _close_core(&self) {
         self.closed.store(true, Ordering::Relaxed);
         let (ready, timers) = {
             let mut s = self.sched();
             (s.ready.clear(), s.timers.clear())
         };
         let registered = self.reactor.clear();
-        // Released here, with the interpreter attached and no lock held: dropping a
-        // handle can run arbitrary finalizers.
-        let _ = py;
-        drop((ready, timers, registered));
+        // Released with no lock held: dropping a callback can run arbitrary finalizers.
+        for h in ready.iter().chain(&timers).chain(&registered) {
+            h.get().release();
+        }
     }
 }
 

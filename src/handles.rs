@@ -150,6 +150,12 @@ impl Handle {
         self.cancelled.load(Ordering::Relaxed)
     }
 
+    /// Drops the callback of a handle that can no longer run (its loop closed, its
+    /// registration replaced), breaking any cycle through it; see [`untracked`].
+    pub(crate) fn release(&self) {
+        drop(lock(&self.callback).take());
+    }
+
     /// `cancel()` from Rust.
     pub(crate) fn cancel_now(slf: &Bound<'_, Self>) -> PyResult<()> {
         slf.get().do_cancel(slf)
