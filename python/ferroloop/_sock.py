@@ -155,49 +155,30 @@ class SockMixin:
 
     # -- receiving --------------------------------------------------------------------------
 
-    async def sock_recv(self, sock, n):
-        """Receive up to ``n`` bytes from ``sock``; b"" at end of stream."""
+    async def _sock_read(self, sock, method, *args):
+        # Try at once; wait for readability only if the socket has nothing yet.
         self._check_sock(sock)
         try:
-            return sock.recv(n)
+            return getattr(sock, method)(*args)
         except _RETRY:
             pass
-        return await self._sock_wait(sock.fileno(), False, self._sock_call_cb, sock, "recv", n)
+        return await self._sock_wait(sock.fileno(), False, self._sock_call_cb, sock, method, *args)
+
+    async def sock_recv(self, sock, n):
+        """Receive up to ``n`` bytes from ``sock``; b"" at end of stream."""
+        return await self._sock_read(sock, "recv", n)
 
     async def sock_recv_into(self, sock, buf):
         """Receive into the writable buffer ``buf``; returns the number of bytes written."""
-        self._check_sock(sock)
-        try:
-            return sock.recv_into(buf)
-        except _RETRY:
-            pass
-        return await self._sock_wait(
-            sock.fileno(), False, self._sock_call_cb, sock, "recv_into", buf
-        )
+        return await self._sock_read(sock, "recv_into", buf)
 
     async def sock_recvfrom(self, sock, bufsize):
         """Receive a datagram of up to ``bufsize`` bytes; returns ``(data, address)``."""
-        self._check_sock(sock)
-        try:
-            return sock.recvfrom(bufsize)
-        except _RETRY:
-            pass
-        return await self._sock_wait(
-            sock.fileno(), False, self._sock_call_cb, sock, "recvfrom", bufsize
-        )
+        return await self._sock_read(sock, "recvfrom", bufsize)
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
         """Receive a datagram into ``buf``; returns ``(nbytes, address)``."""
-        self._check_sock(sock)
-        if not nbytes:
-            nbytes = len(buf)
-        try:
-            return sock.recvfrom_into(buf, nbytes)
-        except _RETRY:
-            pass
-        return await self._sock_wait(
-            sock.fileno(), False, self._sock_call_cb, sock, "recvfrom_into", buf, nbytes
-        )
+        return await self._sock_read(sock, "recvfrom_into", buf, nbytes or len(buf))
 
     # -- sending ----------------------------------------------------------------------------
 
