@@ -18,7 +18,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyInt, PyTuple};
@@ -29,6 +29,7 @@ use crate::handles::{Handle, NewHandle};
 use crate::reactor::{Reactor, SIGNAL_TOKEN};
 use crate::ready::ReadyQueue;
 use crate::signals::Signals;
+use crate::sync::lock;
 use crate::timers::TimerHeap;
 
 /// The longest single wait, as in the stdlib (a day).
@@ -57,10 +58,6 @@ pub struct LoopCore {
     slow_callback_duration: Mutex<f64>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn current_thread_ident() -> u64 {
     // SAFETY: pthread_self has no preconditions. CPython's threading.get_ident() is the
     // same value cast to an unsigned long.
@@ -69,30 +66,32 @@ fn current_thread_ident() -> u64 {
 
 /// `selectors._fileobj_to_fd`: an int, or an object whose `fileno()` gives one.
 fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    let py = obj.py();
     let fd: i64 = if obj.is_instance_of::<PyInt>() {
         obj.extract()?
     } else {
-        let invalid = || {
-            PyValueError::new_err(format!(
-                "Invalid file object: {}",
-                obj.repr().map(|r| r.to_string()).unwrap_or_default()
-            ))
-        };
-        let n = obj
-            .call_method0(intern!(obj.py(), "fileno"))
-            .map_err(|_| invalid())?;
-        n.call_method0(intern!(obj.py(), "__index__"))
-            .or_else(|_| obj.py().get_type::<PyInt>().call1((n,)))
-            .map_err(|_| invalid())?
-            .extract()
-            .map_err(|_| invalid())?
+        let as_int = obj
+            .call_method0(intern!(py, "fileno"))
+            .and_then(|n| py.get_type::<PyInt>().call1((n,)));
+        match as_int {
+            Ok(n) => n.extract()?,
+            Err(e)
+                if e.is_instance_of::<PyAttributeError>(py)
+                    || e.is_instance_of::<PyTypeError>(py)
+                    || e.is_instance_of::<PyValueError>(py) =>
+            {
+                return Err(PyValueError::new_err(format!(
+                    "Invalid file object: {}",
+                    obj.repr()?
+                )));
+            }
+            Err(e) => return Err(e),
+        }
     };
-    if fd < 0 {
-        return Err(PyValueError::new_err(format!(
-            "Invalid file descriptor: {fd}"
-        )));
-    }
-    RawFd::try_from(fd).map_err(|_| PyValueError::new_err(format!("Invalid file descriptor: {fd}")))
+    RawFd::try_from(fd)
+        .ok()
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| PyValueError::new_err(format!("Invalid file descriptor: {fd}")))
 }
 
 impl LoopCore {

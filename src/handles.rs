@@ -14,6 +14,7 @@ use pyo3::types::{PyDict, PyTuple};
 use pyo3::{ffi, intern};
 
 use crate::pyhelpers;
+use crate::sync::lock;
 use crate::timers::Timer;
 
 /// The callable and its positional arguments.
@@ -132,12 +133,6 @@ fn untracked(handle: Py<Handle>, debug: bool) -> Py<Handle> {
         unsafe { ffi::PyObject_GC_UnTrack(handle.as_ptr().cast()) };
     }
     handle
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the data half-updated
-    // (every critical section is a single assignment), so poisoning is ignored.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn is_fatal(py: Python<'_>, err: &PyErr) -> bool {

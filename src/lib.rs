@@ -8,6 +8,7 @@
 //! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
 //! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
+//! - `sync`: the lock helper;
 //! - `pyhelpers`: stdlib helpers the core defers to for user-visible text.
 //!
 //! The Python package (`python/ferroloop`) subclasses `LoopCore` together with
@@ -23,6 +24,7 @@ pub mod pyhelpers;
 pub mod reactor;
 pub mod ready;
 pub mod signals;
+pub mod sync;
 pub mod timers;
 
 #[pymodule]

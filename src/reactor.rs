@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use pyo3::prelude::*;
 
 use crate::handles::Handle;
+use crate::sync::lock;
 
 /// Token of the wake-up eventfd.
 pub const WAKER_TOKEN: u64 = u64::MAX;
@@ -76,10 +77,6 @@ pub struct Reactor {
     fds: Mutex<HashMap<RawFd, FdEntry>>,
     events: Mutex<Vec<libc::epoll_event>>,
     use_pwait2: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Reactor {
