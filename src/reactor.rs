@@ -77,6 +77,8 @@ pub struct Reactor {
     fds: Mutex<HashMap<RawFd, FdEntry>>,
     events: Mutex<Vec<libc::epoll_event>>,
     use_pwait2: AtomicBool,
+    /// Set once an internal fd (the signal socket) joins the set.
+    has_internal: AtomicBool,
 }
 
 impl Reactor {
@@ -97,6 +99,7 @@ impl Reactor {
             fds: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::with_capacity(MAX_EVENTS)),
             use_pwait2: AtomicBool::new(true),
+            has_internal: AtomicBool::new(false),
         };
         r.ctl(
             libc::EPOLL_CTL_ADD,
@@ -134,7 +137,9 @@ impl Reactor {
 
     /// Registers an internal fd (signal socket) for reading under `token`.
     pub fn add_internal(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)?;
+        self.has_internal.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Installs `handle` as `fd`'s reader (`write == false`) or writer, returning the
@@ -254,6 +259,15 @@ impl Reactor {
     /// Waits up to `timeout` seconds (`None`: forever) with the interpreter detached,
     /// then maps the events to callbacks.
     pub fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> io::Result<Readiness> {
+        // A zero-timeout poll with nothing but the wake-up eventfd in the set can only
+        // report a wake-up, which a loop with callbacks ready has no use for: skip the
+        // syscall (a pending wake-up is consumed by the next real wait).
+        if timeout == Some(0.0)
+            && !self.has_internal.load(Ordering::Relaxed)
+            && lock(&self.fds).is_empty()
+        {
+            return Ok(Readiness::default());
+        }
         let mut events = std::mem::take(&mut *lock(&self.events));
         events.clear();
         let use_pwait2 = self.use_pwait2.load(Ordering::Relaxed);
