@@ -32,5 +32,5 @@ test-python: ## pytest: behaviour tests on both loops, examples, CPython conform
 
 test: build-prod test-rust test-python ## the whole suite, from a fresh checkout
 
-bench: build-prod ## side-by-side benchmarks (see benchmarks/)
+bench: ## side-by-side benchmarks in benchmarks/.venv (run.py installs the peers and ferroloop there)
 	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)

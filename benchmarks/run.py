@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmarks of asyncio event loops: asyncio, uvloop, rloop, rsloop, ferroloop.
+
+In-process workloads only (see benchmarks/README.md and benchmarks/workloads.py). Every
+(workload, loop, repetition) runs in a fresh subprocess, interleaved: for each workload, for
+each repetition, every loop once in a fixed order (A B C D E, A B C D E, ...).
+
+The peers live in the benchmark's own virtualenv, benchmarks/.venv. This script re-executes
+itself under benchmarks/.venv/bin/python; if that venv does not exist it first runs
+benchmarks/setup.sh to create it (--no-setup: stop and say so instead). When the venv's
+ferroloop is older than the checkout's sources, setup.sh --ferroloop-only reinstalls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VENV = HERE / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+SETUP = HERE / "setup.sh"
+WORKER = HERE / "workloads.py"
+RESULTS = HERE / "RESULTS.md"
+RSLOOP_FAILED = VENV / "rsloop-install.failed"
+ORIG_CMD_ENV = "FERROLOOP_BENCH_CMD"
+
+sys.path.insert(0, str(HERE))
+from workloads import (  # noqa: E402
+    ALLOC_WARMUP_BYTES,
+    LOOPS,
+    QUEUE_MAXSIZE,
+    RATIO_METRIC,
+    SEED,
+    WORKLOADS,
+    tree_depth,
+)
+
+REFERENCE = "ferroloop"
+# Environment variables that would change what is measured (debug mode, another allocator).
+SCRUBBED_ENV = ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONMALLOC", "PYTHONMALLOCSTATS")
+
+NOT_YET_MEASURED = (
+    "Network workloads are **not yet measured**: TCP and Unix-socket echo, streams, "
+    "`sock_*`, HTTP with wrk, TLS, memory per connection, and the plain-Rust ceiling "
+    "(the same work without Python). ferroloop has no transports yet."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interpreter: re-execute under benchmarks/.venv
+# ---------------------------------------------------------------------------------------------
+
+
+def in_venv() -> bool:
+    try:
+        return Path(sys.prefix).resolve() == VENV.resolve()
+    except OSError:
+        return False
+
+
+def ensure_venv(args: argparse.Namespace) -> None:
+    """Re-execute this script under the benchmark venv (creating it with setup.sh if needed)."""
+    os.environ.setdefault(ORIG_CMD_ENV, shlex.join(sys.orig_argv))
+    if args.no_venv or in_venv():
+        return
+    if not VENV_PYTHON.exists():
+        if args.no_setup:
+            sys.exit(
+                f"run.py: {VENV} does not exist; run benchmarks/setup.sh first "
+                "(or drop --no-setup, or measure the current interpreter with --no-venv)"
+            )
+        print(f"run.py: {VENV} does not exist; running {SETUP}", file=sys.stderr, flush=True)
+        subprocess.run(["bash", str(SETUP)], check=True)
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# subprocesses
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def run_worker(cmd: list[str], timeout: float) -> dict[str, Any]:
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=worker_env(),
+            cwd=HERE,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    if proc.returncode != 0 and "error" not in out:
+        out["error"] = f"exit {proc.returncode}"
+    return out
+
+
+def path_args(loop: str, args: argparse.Namespace) -> list[str]:
+    if loop == REFERENCE and args.ferroloop_path:
+        return ["--path", str(Path(args.ferroloop_path).resolve())]
+    return []
+
+
+def probe(loop: str, args: argparse.Namespace) -> dict[str, Any]:
+    info = run_worker(["probe", loop, *path_args(loop, args)], timeout=60)
+    if "error" in info:
+        reason = info["error"]
+        if reason.startswith("ModuleNotFoundError"):
+            reason = f"not installed ({reason})"
+            if loop == "rsloop" and RSLOOP_FAILED.exists() and in_venv():
+                lines = RSLOOP_FAILED.read_text(errors="replace").strip().splitlines()
+                why = lines[-1] if lines else "?"
+                reason = f"not installed: its build failed in setup.sh ({why}); see {RSLOOP_FAILED}"
+        info["error"] = reason
+    return info
+
+
+def ferroloop_staleness(info: dict[str, Any]) -> list[str]:
+    """Reasons why the ferroloop being measured is not the checkout's current code."""
+    reasons: list[str] = []
+    ext = Path(info["ext_file"])
+    sources = [ROOT / "Cargo.toml", ROOT / "Cargo.lock", ROOT / "pyproject.toml"]
+    sources += list((ROOT / "src").rglob("*.rs"))
+    newest = max((p for p in sources if p.exists()), key=lambda p: p.stat().st_mtime, default=None)
+    if newest is not None and newest.stat().st_mtime > ext.stat().st_mtime:
+        reasons.append(f"{newest.relative_to(ROOT)} is newer than the extension {ext}")
+    installed = Path(info["file"]).parent
+    checkout = ROOT / "python" / "ferroloop"
+    if installed.resolve() != checkout.resolve():
+        for src in sorted(checkout.glob("*.py")):
+            dst = installed / src.name
+            if not dst.exists() or dst.read_bytes() != src.read_bytes():
+                reasons.append(f"{installed / src.name} differs from python/ferroloop/{src.name}")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# facts about the machine and the checkout
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout?)"
+    return f"{rev}-dirty" if dirty else rev
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}"
+
+
+def speedup(peer: float, ref: float) -> str:
+    return f"{peer / ref:.2f}×"
+
+
+def workload_size(workload: str, scale: int) -> str:
+    desc = WORKLOADS[workload][1]
+    if scale == 1:
+        return desc
+    if workload == "task_tree":
+        d = tree_depth(scale)
+        return f"{desc}; scaled: depth {d} ({6**d:,} leaf tasks)"
+    return f"{desc}; scaled: sizes ÷{scale}"
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
+    walls = [s["wall"] for s in samples]
+    cpus = [s["cpu"] for s in samples]
+    return {
+        "wall_median": statistics.median(walls),
+        "wall_min": min(walls),
+        "wall_max": max(walls),
+        "cpu_median": statistics.median(cpus),
+        "cpu_min": min(cpus),
+        "cpu_max": max(cpus),
+        "n": len(samples),
+    }
+
+
+def workload_table(
+    workload: str,
+    loops: list[str],
+    stats: dict[tuple[str, str], dict[str, float]],
+    errors: dict[tuple[str, str], str],
+) -> list[str]:
+    metric = RATIO_METRIC[workload]
+    ref = stats.get((workload, REFERENCE))
+    head = (
+        "| loop | wall median (ms) | wall min | wall max | CPU median (ms) | CPU min | CPU max "
+        f"| ferroloop speedup ({metric}) |"
+    )
+    rows = [head, "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for loop in loops:
+        key = (workload, loop)
+        if key in errors:
+            rows.append(f"| {loop} | error: {errors[key]} | | | | | | |")
+            continue
+        s = stats[key]
+        if loop == REFERENCE:
+            ratio = "(reference)"
+        elif ref is None:
+            ratio = "n/a"
+        else:
+            ratio = speedup(s[f"{metric}_median"], ref[f"{metric}_median"])
+        rows.append(
+            f"| {loop} | {ms(s['wall_median'])} | {ms(s['wall_min'])} | {ms(s['wall_max'])} "
+            f"| {ms(s['cpu_median'])} | {ms(s['cpu_min'])} | {ms(s['cpu_max'])} | {ratio} |"
+        )
+    return rows
+
+
+def ratio_table(
+    workloads: list[str],
+    loops: list[str],
+    stats: dict[tuple[str, str], dict[str, float]],
+) -> list[str]:
+    peers = [loop for loop in loops if loop != REFERENCE]
+    rows = [
+        "| workload (metric) | " + " | ".join(f"vs {p}" for p in peers) + " |",
+        "|---|" + "--:|" * len(peers),
+    ]
+    for w in workloads:
+        metric = RATIO_METRIC[w]
+        ref = stats.get((w, REFERENCE))
+        cells = []
+        for p in peers:
+            peer = stats.get((w, p))
+            if ref is None or peer is None:
+                cells.append("n/a")
+            else:
+                cells.append(speedup(peer[f"{metric}_median"], ref[f"{metric}_median"]))
+        rows.append(f"| {w} ({metric}) | " + " | ".join(cells) + " |")
+    return rows
+
+
+RATIO_NOTE = (
+    "**ferroloop speedup** = the peer's median ÷ ferroloop's median on the workload's metric: "
+    "**> 1 means ferroloop is faster**, < 1 means ferroloop is slower. The metric is wall time, "
+    "except `call_later` (process CPU time, because its wall time includes waiting up to "
+    "0.1 s for the last timer)."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Side-by-side asyncio event-loop benchmarks (in-process workloads).",
+        epilog="See benchmarks/README.md.",
+    )
+    p.add_argument("--quick", action="store_true", help="sizes ÷10, 3 repetitions (default 5)")
+    p.add_argument("--reps", type=int, help="repetitions per (workload, loop)")
+    p.add_argument("--loops", default=",".join(LOOPS), help="comma-separated (default: all)")
+    p.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)"
+    )
+    p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
+    p.add_argument("--write-results", action="store_true", help=f"write {RESULTS}")
+    p.add_argument(
+        "--allow-debug", action="store_true", help="measure a debug build of ferroloop anyway"
+    )
+    p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="measure ferroloop even if it is older than the checkout (no reinstall)",
+    )
+    p.add_argument(
+        "--ferroloop-path",
+        metavar="DIR",
+        help="import ferroloop from DIR (e.g. python/ of an editable build) instead of the venv",
+    )
+    p.add_argument("--no-venv", action="store_true", help="run under this interpreter as is")
+    p.add_argument(
+        "--no-setup", action="store_true", help="never run setup.sh (no venv creation/reinstall)"
+    )
+    args = p.parse_args(argv)
+    args.loops = [x for x in args.loops.split(",") if x]
+    args.workloads = [x for x in args.workloads.split(",") if x]
+    for name, known in (("loop", LOOPS), ("workload", WORKLOADS)):
+        for x in getattr(args, f"{name}s"):
+            if x not in known:
+                p.error(f"unknown {name} {x!r}; choose from {', '.join(known)}")
+    if args.reps is None:
+        args.reps = 3 if args.quick else 5
+    args.scale = 10 if args.quick else 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_venv(args)
+    command = os.environ[ORIG_CMD_ENV]
+    started = dt.datetime.now(dt.UTC)
+    load_before = loadavg()
+
+    # which loops can run here, and which versions
+    infos: dict[str, dict[str, Any]] = {}
+    for loop in args.loops:
+        infos[loop] = probe(loop, args)
+    ferro = infos.get(REFERENCE)
+    warnings: list[str] = []
+    may_install = in_venv() and not (args.no_setup or args.allow_stale or args.ferroloop_path)
+    if ferro is not None and may_install:
+        why = ferro.get("error") or next(iter(ferroloop_staleness(ferro)), None)
+        if why is not None:
+            print(f"run.py: the venv's ferroloop needs (re)installing: {why}", flush=True)
+            subprocess.run(["bash", str(SETUP), "--ferroloop-only"], check=True)
+            ferro = infos[REFERENCE] = probe(REFERENCE, args)
+    if ferro is not None and "error" not in ferro:
+        stale = ferroloop_staleness(ferro)
+        if stale:
+            warnings.append("ferroloop may be stale: " + "; ".join(stale))
+        profile = ferro.get("build_profile")
+        if profile != "release":
+            msg = (
+                f"ferroloop's extension is not a release build (BUILD_PROFILE = {profile!r}, "
+                f"{ferro['ext_file']})"
+            )
+            if not args.allow_debug:
+                print(
+                    f"run.py: refusing to run: {msg}; pass --allow-debug to measure it anyway",
+                    file=sys.stderr,
+                )
+                return 2
+            warnings.append(msg + ": measured anyway (--allow-debug), numbers are not meaningful")
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+
+    available = [loop for loop in args.loops if "error" not in infos[loop]]
+    print(f"# interpreter: {sys.executable} (Python {platform.python_version()})")
+    for loop in args.loops:
+        i = infos[loop]
+        where = i.get("error") or f"{i['version']}  {i['loop_type']}  {i['file']}"
+        print(f"# {loop:9} {where}")
+    print(f"# {args.reps} reps, sizes ÷{args.scale}, load average before: {load_before}")
+
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for loop in args.loops:
+        if loop not in available:
+            for w in args.workloads:
+                errors[(w, loop)] = infos[loop]["error"]
+    for w in args.workloads:
+        for rep in range(args.reps):
+            for loop in available:
+                key = (w, loop)
+                if key in errors:  # failed once: don't retry
+                    continue
+                cmd = ["measure", w, loop, str(args.scale), *path_args(loop, args)]
+                out = run_worker(cmd, args.timeout)
+                if "error" in out:
+                    errors[key] = out["error"]
+                    print(f"  {w:16} rep {rep + 1}  {loop:9}  error: {out['error']}", flush=True)
+                    continue
+                assert out["alloc_warmup_bytes"] == ALLOC_WARMUP_BYTES
+                samples.setdefault(key, []).append(out)
+                print(
+                    f"  {w:16} rep {rep + 1}  {loop:9}  wall {ms(out['wall']):>9} ms"
+                    f"  cpu {ms(out['cpu']):>9} ms",
+                    flush=True,
+                )
+    load_after = loadavg()
+    finished = dt.datetime.now(dt.UTC)
+    stats = {k: summarize(v) for k, v in samples.items() if k not in errors}
+    for k in list(samples):
+        if k in errors:  # a loop that failed any repetition gets an error cell, not partial stats
+            errors[k] += f" (after {len(samples[k])} good repetition(s))"
+
+    tables: list[str] = []
+    for w in args.workloads:
+        tables += [f"### {w}", "", workload_size(w, args.scale), ""]
+        tables += workload_table(w, args.loops, stats, errors)
+        tables.append("")
+    ratios = ["### ferroloop speedup, all workloads", "", RATIO_NOTE, ""]
+    ratios += ratio_table(args.workloads, args.loops, stats)
+    report = "\n".join([*tables, *ratios]) + "\n"
+    print()
+    print(report)
+    print(f"load average after: {load_after}")
+
+    if args.write_results:
+        RESULTS.write_text(
+            results_md(
+                args, command, infos, warnings, report, load_before, load_after, started, finished
+            )
+        )
+        print(f"wrote {RESULTS}")
+    return 0
+
+
+def results_md(
+    args: argparse.Namespace,
+    command: str,
+    infos: dict[str, dict[str, Any]],
+    warnings: list[str],
+    report: str,
+    load_before: str,
+    load_after: str,
+    started: dt.datetime,
+    finished: dt.datetime,
+) -> str:
+    uname = platform.uname()
+    libc = " ".join(platform.libc_ver()) or "?"
+    versions = ["| loop | version | loop class | imported from |", "|---|---|---|---|"]
+    for loop in args.loops:
+        i = infos[loop]
+        if "error" in i:
+            versions.append(f"| {loop} | unavailable: {i['error']} | | |")
+        else:
+            versions.append(f"| {loop} | {i['version']} | `{i['loop_type']}` | `{i['file']}` |")
+    ferro = infos.get(REFERENCE, {})
+    lines = [
+        "# Benchmark results: in-process workloads",
+        "",
+        "Generated by `benchmarks/run.py --write-results`; see `benchmarks/README.md` for what "
+        "each workload measures and how to run it.",
+        "",
+        *(f"> **WARNING:** {w}" for w in warnings),
+        "",
+        "## Run",
+        "",
+        f"- command: `{command}`",
+        f"- git revision: `{git_revision()}` (`-dirty`: tracked files had uncommitted changes)",
+        f"- started {started:%Y-%m-%d %H:%M:%S} UTC, finished {finished:%H:%M:%S} UTC",
+        f"- mode: {'--quick' if args.quick else 'full'}, sizes ÷{args.scale}, "
+        f"{args.reps} repetitions per (workload, loop)",
+        f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores",
+        f"- kernel: {uname.system} {uname.release} ({uname.machine}), libc: {libc}",
+        f"- Python: {platform.python_implementation()} {sys.version.split()[0]} "
+        f"(`{sys.executable}`)",
+        "",
+        "## Loops",
+        "",
+        *versions,
+        "",
+        f"ferroloop extension: `{ferro.get('ext_file', '?')}`, "
+        f"BUILD_PROFILE = `{ferro.get('build_profile')}`.",
+        "",
+        "## Method",
+        "",
+        "- Each (workload, loop, repetition) is a fresh subprocess of the same interpreter, so "
+        "no GC or allocator state carries over between loops. Order: for each workload, for "
+        "each repetition, every loop once (A B C D E, A B C D E, ...).",
+        f"- Allocator warm-up: before anything else, every subprocess allocated and freed one "
+        f"{ALLOC_WARMUP_BYTES // (1 << 20)} MiB block (`bytearray(1 << 20)`, then `del`), the "
+        "same for every loop, so the allocator is in a long-running-server steady state (with "
+        "glibc: the dynamic mmap threshold raised to 1 MiB, the trim threshold to 2 MiB).",
+        "- Warm-up: the same workload at a tenth of its size, on a separate loop, then "
+        "`gc.collect()`; the measured pass runs on a new loop. The cyclic GC stays enabled.",
+        "- Timed: from scheduling the first callback / creating the first coroutine to the "
+        "result; loop creation and closing are not timed. Results are checked (callback "
+        "counts, sums).",
+        "- Wall = `time.perf_counter`; CPU = `time.process_time` (user + system, whole "
+        "process, all threads).",
+        f"- Fixed parameters: random seed {SEED}, `PYTHONHASHSEED=0`, queue maxsize "
+        f"{QUEUE_MAXSIZE}; `PYTHONASYNCIODEBUG`, `PYTHONDEVMODE`, `PYTHONMALLOC` unset in the "
+        "subprocesses.",
+        "- min/max show the spread; with few repetitions on a shared machine, treat "
+        "differences under ~10 % as noise.",
+        "",
+        "## Results (times in ms)",
+        "",
+        report,
+        "## Not yet measured",
+        "",
+        NOT_YET_MEASURED,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
