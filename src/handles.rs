@@ -72,7 +72,7 @@ impl NewHandle<'_> {
             }
         };
         let source_traceback = if self.debug {
-            Some(pyhelpers::extract_caller_stack(py)?)
+            pyhelpers::extract_caller_stack(py)?
         } else {
             None
         };

@@ -7,6 +7,7 @@
 //! - `timers`: the timer heap with lazy cancellation;
 //! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
+//! - `dns`: the native thread pool behind `getaddrinfo`/`getnameinfo`;
 //! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
 //! - `sync`: the lock helper;
 //! - `pyhelpers`: stdlib helpers the core defers to for user-visible text.
@@ -17,6 +18,7 @@
 use pyo3::prelude::*;
 
 pub mod clock;
+pub mod dns;
 pub mod errors;
 pub mod event_loop;
 pub mod handles;
@@ -32,6 +34,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    m.add_function(wrap_pyfunction!(dns::resolve_in_pool, m)?)?;
     // Benchmarks refuse to measure a debug build.
     m.add(
         "BUILD_PROFILE",

@@ -30,13 +30,18 @@ pub fn format_callback_source(
         .extract()
 }
 
-/// The caller's stack as `asyncio.format_helpers.extract_stack` gives it (debug mode).
-pub fn extract_caller_stack(py: Python<'_>) -> PyResult<Py<PyAny>> {
+/// The caller's stack as `asyncio.format_helpers.extract_stack` gives it (debug mode);
+/// `None` when called from a thread with no Python frame (a native worker thread).
+pub fn extract_caller_stack(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
     static F: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     static GETFRAME: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     // With no Python frame of our own, frame 0 is the Python code that called us.
-    let frame = cached(py, &GETFRAME, "sys", "_getframe")?.call1((0,))?;
-    Ok(cached(py, &F, "asyncio.format_helpers", "extract_stack")?
-        .call1((frame,))?
-        .unbind())
+    let Ok(frame) = cached(py, &GETFRAME, "sys", "_getframe")?.call1((0,)) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        cached(py, &F, "asyncio.format_helpers", "extract_stack")?
+            .call1((frame,))?
+            .unbind(),
+    ))
 }

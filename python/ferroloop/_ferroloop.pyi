@@ -91,4 +91,9 @@ class LoopCore:
     def _timer_count(self) -> int: ...
     def _close_core(self) -> None: ...
 
+def resolve_in_pool(
+    loop: Any, fut: Any, func: Callable[..., object], args: tuple[Any, ...]
+) -> None:
+    """Run ``func(*args)`` on the native resolver pool; settle ``fut`` on ``loop``."""
+
 BUILD_PROFILE: str

@@ -17,6 +17,8 @@ import socket
 from asyncio import constants, exceptions
 from asyncio.log import logger
 
+from ._ferroloop import resolve_in_pool
+
 try:
     import ssl
 except ImportError:  # pragma: no cover - Python built without OpenSSL
@@ -34,6 +36,33 @@ def _check_ssl_socket(sock):
     # which readiness-driven raw I/O cannot honour.
     if ssl is not None and isinstance(sock, ssl.SSLSocket):
         raise TypeError("Socket cannot be of type SSLSocket")
+
+
+def _is_ip_literal(host):
+    """Whether ``host`` is None or a numeric IPv4/IPv6 address (IPv6 may carry a zone id)."""
+    if host is None:
+        return True
+    if isinstance(host, bytes):
+        try:
+            host = host.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+    elif not isinstance(host, str):
+        return False
+    # ValueError: an embedded NUL or a lone surrogate; the resolver reports those itself.
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return True
+    except (OSError, ValueError):
+        pass
+    if not _HAS_IPv6:
+        return False
+    addr, _, _zone = host.partition("%")
+    try:
+        socket.inet_pton(socket.AF_INET6, addr)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _ipaddr_info(host, port, family, type, proto, flowinfo=0, scopeid=0):
@@ -517,8 +546,15 @@ class SockMixin:
 
     # -- name resolution --------------------------------------------------------------------
 
-    def _getaddrinfo_debug(self, host, port, family, type, proto, flags):
-        # Runs in the executor thread; logs like asyncio's debug mode does.
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        """``socket.getaddrinfo``'s result, computed off the loop thread.
+
+        Numeric hosts (and None) are answered right here: with ``AI_NUMERICHOST`` the C
+        call cannot touch the network. Everything else goes to the native resolver pool.
+        """
+        if not self._debug:
+            return await self._getaddrinfo(host, port, family, type, proto, flags)
+        # Logs like asyncio's debug mode does.
         parts = [f"{host}:{port!r}"]
         for name, value in (("family", family), ("type", type), ("proto", proto), ("flags", flags)):
             if value:
@@ -527,7 +563,7 @@ class SockMixin:
         logger.debug("Get address info %s", msg)
 
         t0 = self.time()
-        addrinfo = socket.getaddrinfo(host, port, family, type, proto, flags)
+        addrinfo = await self._getaddrinfo(host, port, family, type, proto, flags)
         dt = self.time() - t0
 
         msg = f"Getting address info {msg} took {dt * 1e3:.3f}ms: {addrinfo!r}"
@@ -537,10 +573,30 @@ class SockMixin:
             logger.debug(msg)
         return addrinfo
 
-    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
-        # The system resolver blocks, so it runs in the default executor.
-        func = self._getaddrinfo_debug if self._debug else socket.getaddrinfo
-        return await self.run_in_executor(None, func, host, port, family, type, proto, flags)
+    async def _getaddrinfo(self, host, port, family, type, proto, flags):
+        self._check_closed()
+        if _is_ip_literal(host):
+            try:
+                return socket.getaddrinfo(
+                    host, port, family, type, proto, flags | socket.AI_NUMERICHOST
+                )
+            except socket.gaierror as exc:
+                # E.g. an unknown zone id ("fe80::1%nosuch"): let the real resolver decide.
+                if exc.errno != socket.EAI_NONAME:
+                    raise
+        fut = self.create_future()
+        resolve_in_pool(self, fut, socket.getaddrinfo, (host, port, family, type, proto, flags))
+        try:
+            return await fut
+        finally:
+            fut = None  # break the exception -> traceback -> frame -> fut cycle
 
     async def getnameinfo(self, sockaddr, flags=0):
-        return await self.run_in_executor(None, socket.getnameinfo, sockaddr, flags)
+        """``socket.getnameinfo(sockaddr, flags)``, computed off the loop thread."""
+        self._check_closed()
+        fut = self.create_future()
+        resolve_in_pool(self, fut, socket.getnameinfo, (sockaddr, flags))
+        try:
+            return await fut
+        finally:
+            fut = None  # break the exception -> traceback -> frame -> fut cycle
