@@ -26,8 +26,8 @@ use pyo3::types::{PyInt, PyTuple};
 use crate::clock::monotonic;
 use crate::errors::os_error;
 use crate::handles::{Handle, NewHandle};
-use crate::reactor::{Reactor, SIGNAL_TOKEN};
-use crate::ready::ReadyQueue;
+use crate::reactor::{Dispatch, Reactor, SIGNAL_TOKEN};
+use crate::ready::{Job, ReadyQueue};
 use crate::signals::Signals;
 use crate::sync::lock;
 use crate::timers::TimerHeap;
@@ -39,7 +39,7 @@ const CLOCK_RESOLUTION: f64 = 1e-9;
 
 #[derive(Default)]
 struct Scheduler {
-    ready: ReadyQueue<Py<Handle>>,
+    ready: ReadyQueue<Job>,
     timers: TimerHeap<Py<Handle>>,
 }
 
@@ -182,6 +182,7 @@ impl LoopCore {
         let this = slf.get();
         this.check_closed()?;
         let fd = fileobj_to_fd(fd)?;
+        this.ensure_fd_no_transport(slf.py(), fd)?;
         let method = if write { "add_writer" } else { "add_reader" };
         this.check_callback(&callback, method, false)?;
         let handle = this
@@ -203,6 +204,7 @@ impl LoopCore {
             return Ok(false);
         }
         let fd = fileobj_to_fd(fd)?;
+        this.ensure_fd_no_transport(slf.py(), fd)?;
         match this.reactor.remove(fd, write) {
             Some(old) => {
                 Handle::cancel_now(old.bind(slf.py()))?;
@@ -244,23 +246,35 @@ impl LoopCore {
         let mut batch = {
             let mut guard = this.sched();
             let s = &mut *guard;
-            s.ready.extend(readiness.handles);
-            s.ready.extend(signalled);
+            s.ready.extend(readiness.jobs);
+            s.ready.extend(signalled.into_iter().map(Job::Callback));
             let end = monotonic() + CLOCK_RESOLUTION;
             let ready = &mut s.ready;
-            s.timers.pop_due(end, |h| ready.push_back(h));
+            s.timers.pop_due(end, |h| ready.push_back(Job::Callback(h)));
             s.ready.take_batch()
         };
         let debug = this.is_debug();
-        while let Some(handle) = batch.pop_front() {
-            let h = handle.bind(py);
-            if h.get().is_cancelled() {
-                continue;
-            }
-            let result = if debug {
-                this.run_timed(slf, h)
-            } else {
-                Handle::run(h)
+        while let Some(job) = batch.pop_front() {
+            let result = match &job {
+                Job::Callback(handle) => {
+                    let h = handle.bind(py);
+                    if h.get().is_cancelled() {
+                        continue;
+                    }
+                    if debug {
+                        this.run_timed(slf, h.as_any(), || Handle::run(h))
+                    } else {
+                        Handle::run(h)
+                    }
+                }
+                Job::Io(ev) => {
+                    let target = ev.target.bind(py);
+                    if debug {
+                        this.run_timed(slf, target, || (ev.dispatch)(target, ev.write))
+                    } else {
+                        (ev.dispatch)(target, ev.write)
+                    }
+                }
             };
             if let Err(err) = result {
                 this.sched().ready.requeue_front(batch);
@@ -271,14 +285,92 @@ impl LoopCore {
         Ok(())
     }
 
-    fn run_timed(&self, slf: &Bound<'_, Self>, h: &Bound<'_, Handle>) -> PyResult<()> {
+    /// Runs `f` and reports it through `_log_slow_callback` if it took too long.
+    fn run_timed(
+        &self,
+        slf: &Bound<'_, Self>,
+        what: &Bound<'_, PyAny>,
+        f: impl FnOnce() -> PyResult<()>,
+    ) -> PyResult<()> {
         let t0 = monotonic();
-        let result = Handle::run(h);
+        let result = f();
         let dt = monotonic() - t0;
         if dt >= *lock(&self.slow_callback_duration) {
-            slf.call_method1(intern!(slf.py(), "_log_slow_callback"), (h, dt))?;
+            slf.call_method1(intern!(slf.py(), "_log_slow_callback"), (what, dt))?;
         }
         result
+    }
+
+    /// The stdlib's `_ensure_fd_no_transport`: user callbacks may not take over an fd a
+    /// live transport owns.
+    fn ensure_fd_no_transport(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
+        let Some(owner) = self.reactor.owner(fd) else {
+            return Ok(());
+        };
+        // SAFETY: an owner entry is removed before its transport is deallocated, so the
+        // address is a live object (we hold the interpreter; nothing frees it meanwhile).
+        let transport = unsafe { Bound::from_borrowed_ptr(py, owner as *mut pyo3::ffi::PyObject) };
+        if transport
+            .call_method0(intern!(py, "is_closing"))?
+            .is_truthy()?
+        {
+            return Ok(());
+        }
+        Err(PyRuntimeError::new_err(format!(
+            "File descriptor {fd} is used by transport {}",
+            transport.repr()?
+        )))
+    }
+
+    /// Queues `func(*args)` for the next iteration (a transport's internal `call_soon`).
+    pub(crate) fn soon(
+        slf: &Bound<'_, Self>,
+        func: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
+        let this = slf.get();
+        let handle = this
+            .new_handle(slf.as_any(), func, args, None)
+            .handle(true)?;
+        this.sched().ready.push_back(Job::Callback(handle));
+        Ok(())
+    }
+
+    /// Sets a native target's interest in `fd` (see `Reactor::set_native`).
+    pub(crate) fn set_native_interest(
+        &self,
+        fd: RawFd,
+        target: &Bound<'_, PyAny>,
+        dispatch: Dispatch,
+        read: bool,
+        write: bool,
+    ) -> PyResult<()> {
+        let old = self
+            .reactor
+            .set_native(fd, target, dispatch, read, write)
+            .map_err(os_error)?;
+        drop(old);
+        Ok(())
+    }
+
+    /// Whether `close()` was called, for the transports.
+    pub(crate) fn closed_flag(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Debug mode flag, for the transports.
+    pub(crate) fn debug_enabled(&self) -> bool {
+        self.is_debug()
+    }
+
+    /// Records the transport owning `fd`.
+    pub(crate) fn claim_fd(&self, fd: RawFd, owner: usize) {
+        self.reactor.claim(fd, owner);
+    }
+
+    /// Forgets `fd`'s owner if it is still `owner`.
+    pub(crate) fn release_fd(&self, fd: RawFd, owner: usize) {
+        self.reactor.release(fd, owner);
     }
 }
 
@@ -317,7 +409,9 @@ impl LoopCore {
         let handle = this
             .new_handle(slf.as_any(), callback, args, context)
             .handle(true)?;
-        this.sched().ready.push_back(handle.clone_ref(slf.py()));
+        this.sched()
+            .ready
+            .push_back(Job::Callback(handle.clone_ref(slf.py())));
         Ok(handle)
     }
 
@@ -335,7 +429,9 @@ impl LoopCore {
         let handle = this
             .new_handle(slf.as_any(), callback, args, context)
             .handle(true)?;
-        this.sched().ready.push_back(handle.clone_ref(slf.py()));
+        this.sched()
+            .ready
+            .push_back(Job::Callback(handle.clone_ref(slf.py())));
         if this.thread_id.load(Ordering::Relaxed) != current_thread_ident() {
             this.reactor.wake();
         }
@@ -520,6 +616,49 @@ impl LoopCore {
         Ok(self.reactor.has(fileobj_to_fd(fd)?, write))
     }
 
+    /// A stream transport over the connected socket `sock` (the stdlib's
+    /// `_SelectorSocketTransport` constructor, see `stream`).
+    #[pyo3(signature = (sock, protocol, waiter=None, *, extra=None, server=None))]
+    fn _make_socket_transport<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        protocol: Bound<'py, PyAny>,
+        waiter: Option<Bound<'py, PyAny>>,
+        extra: Option<Bound<'py, PyAny>>,
+        server: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed()?;
+        crate::stream::new_socket_transport(slf, sock, protocol, waiter, extra, server)
+    }
+
+    /// Sets (a ferroloop transport) or clears (None) the owner of `fd`, as the stdlib's
+    /// `loop._transports[fd]`: `loop.sendfile` lends a transport's socket to
+    /// `sock_sendfile` this way.
+    fn _set_fd_owner(&self, fd: RawFd, transport: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        match transport {
+            None => {
+                if let Some(owner) = self.reactor.owner(fd) {
+                    self.reactor.release(fd, owner);
+                }
+            }
+            Some(t) if crate::stream::is_stream_transport(t) => {
+                self.reactor.claim(fd, t.as_ptr() as usize)
+            }
+            Some(t) => {
+                return Err(PyTypeError::new_err(format!(
+                    "not a ferroloop transport: {}",
+                    t.repr()?
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises RuntimeError if a live transport owns `fd` (the sock_* methods' check).
+    fn _ensure_fd_no_transport(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.ensure_fd_no_transport(py, fileobj_to_fd(fd)?)
+    }
+
     /// The fd to give `signal.set_wakeup_fd`, created on first use.
     fn _signal_wakeup_fd(&self) -> PyResult<RawFd> {
         let (wfd, new_read_end) = lock(&self.signals).wakeup_fd().map_err(os_error)?;
@@ -577,11 +716,17 @@ impl LoopCore {
             let mut s = self.sched();
             (s.ready.clear(), s.timers.clear())
         };
-        let registered = self.reactor.clear();
+        let (registered, targets) = self.reactor.clear();
         // Released with no lock held: dropping a callback can run arbitrary finalizers.
-        for h in ready.iter().chain(&timers).chain(&registered) {
+        let queued = ready.iter().filter_map(|job| match job {
+            Job::Callback(h) => Some(h),
+            Job::Io(_) => None,
+        });
+        for h in queued.chain(&timers).chain(&registered) {
             h.get().release();
         }
+        drop(targets);
+        drop(ready);
     }
 }
 

@@ -6,6 +6,8 @@
 //! - `ready`: the ready queue and its per-iteration batches;
 //! - `timers`: the timer heap with lazy cancellation;
 //! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
+//! - `pytype`: native classes deriving from asyncio's Python transport classes;
+//! - `stream`: TCP/Unix stream transports;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
 //! - `dns`: the native thread pool behind `getaddrinfo`/`getnameinfo`;
 //! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
@@ -23,9 +25,11 @@ pub mod errors;
 pub mod event_loop;
 pub mod handles;
 pub mod pyhelpers;
+pub mod pytype;
 pub mod reactor;
 pub mod ready;
 pub mod signals;
+pub mod stream;
 pub mod sync;
 pub mod timers;
 

@@ -6,8 +6,15 @@
 //! lets the poll wait with nanosecond timeouts (`epoll_pwait2`, Linux 5.11+), so timers
 //! are not rounded up to the next millisecond; older kernels fall back to `epoll_wait`.
 //!
+//! Two kinds of registration share the set:
+//! - *callbacks* (`add_reader`/`add_writer`): a [`Handle`] per direction, queued when the
+//!   fd is ready;
+//! - *native targets* (transports): an object plus a dispatch function the loop calls
+//!   directly, so a readable socket costs no Python frame beyond the protocol's own.
+//!
 //! Invariants:
-//! - An fd is in the epoll set exactly when it has a reader or a writer callback here.
+//! - An fd is in the epoll set exactly when it has a callback or a native interest here.
+//! - An fd has callbacks or a native target, never both.
 //! - The token of a user fd is the fd itself; the two internal fds (the wake-up eventfd
 //!   and the signal socket) use tokens above any fd.
 //! - The caller (the loop) runs `poll` with the interpreter detached; nothing in the
@@ -22,6 +29,7 @@ use std::sync::Mutex;
 use pyo3::prelude::*;
 
 use crate::handles::Handle;
+use crate::ready::Job;
 use crate::sync::lock;
 
 /// Token of the wake-up eventfd.
@@ -40,19 +48,42 @@ pub fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Called by the loop when a native target's fd is ready: `(target, writable)`. It
+/// handles its own errors; an `Err` (KeyboardInterrupt, SystemExit) stops the loop.
+pub type Dispatch = fn(&Bound<'_, PyAny>, bool) -> PyResult<()>;
+
+/// A ready native target, as queued for the loop.
+pub struct IoEvent {
+    pub target: Py<PyAny>,
+    pub dispatch: Dispatch,
+    pub write: bool,
+}
+
+struct Native {
+    target: Py<PyAny>,
+    dispatch: Dispatch,
+    read: bool,
+    write: bool,
+}
+
 #[derive(Default)]
 struct FdEntry {
     reader: Option<Py<Handle>>,
     writer: Option<Py<Handle>>,
+    native: Option<Native>,
 }
 
 impl FdEntry {
     fn mask(&self) -> u32 {
+        let (read, write) = match &self.native {
+            Some(n) => (n.read, n.write),
+            None => (self.reader.is_some(), self.writer.is_some()),
+        };
         let mut m = 0;
-        if self.reader.is_some() {
+        if read {
             m |= libc::EPOLLIN as u32;
         }
-        if self.writer.is_some() {
+        if write {
             m |= libc::EPOLLOUT as u32;
         }
         m
@@ -62,8 +93,9 @@ impl FdEntry {
 /// What one wait produced, translated for the loop.
 #[derive(Default)]
 pub struct Readiness {
-    /// Reader/writer handles to append to the ready queue, in event order.
-    pub handles: Vec<Py<Handle>>,
+    /// Reader/writer callbacks and native events to append to the ready queue, in
+    /// event order.
+    pub jobs: Vec<Job>,
     /// The signal socket became readable.
     pub signals: bool,
     /// The wait was interrupted by a signal.
@@ -75,6 +107,9 @@ pub struct Reactor {
     epfd: OwnedFd,
     waker: OwnedFd,
     fds: Mutex<HashMap<RawFd, FdEntry>>,
+    /// fd → the transport that owns it (a borrowed pointer: a transport removes its
+    /// entry when it closes the fd or is deallocated), registered or not.
+    owners: Mutex<HashMap<RawFd, usize>>,
     events: Mutex<Vec<libc::epoll_event>>,
     use_pwait2: AtomicBool,
     /// Set once an internal fd (the signal socket) joins the set.
@@ -97,6 +132,7 @@ impl Reactor {
             epfd,
             waker,
             fds: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::with_capacity(MAX_EVENTS)),
             use_pwait2: AtomicBool::new(true),
             has_internal: AtomicBool::new(false),
@@ -153,6 +189,9 @@ impl Reactor {
         let mut fds = lock(&self.fds);
         let known = fds.contains_key(&fd);
         let entry = fds.entry(fd).or_default();
+        if entry.native.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
         let slot = if write {
             &mut entry.writer
         } else {
@@ -206,6 +245,66 @@ impl Reactor {
         Some(old)
     }
 
+    /// Sets a native target's interest in `fd` (both false: unregisters it). Returns the
+    /// reference the table held before, to be dropped with no lock held (dropping a
+    /// transport can run its finalizer).
+    pub fn set_native(
+        &self,
+        fd: RawFd,
+        target: &Bound<'_, PyAny>,
+        dispatch: Dispatch,
+        read: bool,
+        write: bool,
+    ) -> io::Result<Option<Py<PyAny>>> {
+        let mut fds = lock(&self.fds);
+        let known = fds.contains_key(&fd);
+        if !read && !write {
+            let Some(entry) = fds.remove(&fd) else {
+                return Ok(None);
+            };
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+            return Ok(entry.native.map(|n| n.target));
+        }
+        let entry = fds.entry(fd).or_default();
+        if entry.reader.is_some() || entry.writer.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        let old = entry.native.replace(Native {
+            target: target.clone().unbind(),
+            dispatch,
+            read,
+            write,
+        });
+        let mask = entry.mask();
+        if let Err(e) = self.apply(fd, mask, known) {
+            if known {
+                fds.get_mut(&fd).expect("entry present").native = old;
+            } else {
+                fds.remove(&fd);
+            }
+            return Err(e);
+        }
+        Ok(old.map(|n| n.target))
+    }
+
+    /// Records `owner` (a transport's address) as the owner of `fd`.
+    pub fn claim(&self, fd: RawFd, owner: usize) {
+        lock(&self.owners).insert(fd, owner);
+    }
+
+    /// Forgets `fd`'s owner if it is still `owner`.
+    pub fn release(&self, fd: RawFd, owner: usize) {
+        let mut owners = lock(&self.owners);
+        if owners.get(&fd) == Some(&owner) {
+            owners.remove(&fd);
+        }
+    }
+
+    /// The address of the transport owning `fd`, if any.
+    pub fn owner(&self, fd: RawFd) -> Option<usize> {
+        lock(&self.owners).get(&fd).copied()
+    }
+
     /// Whether `fd` has a reader (`write == false`) or writer callback.
     pub fn has(&self, fd: RawFd, write: bool) -> bool {
         lock(&self.fds).get(&fd).is_some_and(|e| {
@@ -217,17 +316,18 @@ impl Reactor {
         })
     }
 
-    /// Drops every registration (loop close); the handles are returned to be released
-    /// with the interpreter attached.
-    pub fn clear(&self) -> Vec<Py<Handle>> {
+    /// Drops every registration (loop close); the handles and targets are returned to be
+    /// released with the interpreter attached and no lock held.
+    pub fn clear(&self) -> (Vec<Py<Handle>>, Vec<Py<PyAny>>) {
         let mut fds = lock(&self.fds);
-        let mut out = Vec::new();
+        let (mut handles, mut targets) = (Vec::new(), Vec::new());
         for (fd, e) in fds.drain() {
             let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-            out.extend(e.reader);
-            out.extend(e.writer);
+            handles.extend(e.reader);
+            handles.extend(e.writer);
+            targets.extend(e.native.map(|n| n.target));
         }
-        out
+        (handles, targets)
     }
 
     /// Wakes a `wait` in progress (or makes the next one return at once).
@@ -310,14 +410,30 @@ impl Reactor {
                         };
                         // Like selectors: anything beyond "only writable" wakes the reader,
                         // anything beyond "only readable" wakes the writer (HUP/ERR wake both).
+                        let readable = flags & !(libc::EPOLLOUT as u32) != 0;
+                        let writable = flags & !(libc::EPOLLIN as u32) != 0;
+                        if let Some(n) = &entry.native {
+                            for (hit, write) in
+                                [(readable && n.read, false), (writable && n.write, true)]
+                            {
+                                if hit {
+                                    out.jobs.push(Job::Io(IoEvent {
+                                        target: n.target.clone_ref(py),
+                                        dispatch: n.dispatch,
+                                        write,
+                                    }));
+                                }
+                            }
+                            continue;
+                        }
                         let wakes = [
-                            (flags & !(libc::EPOLLOUT as u32) != 0, &entry.reader, false),
-                            (flags & !(libc::EPOLLIN as u32) != 0, &entry.writer, true),
+                            (readable, &entry.reader, false),
+                            (writable, &entry.writer, true),
                         ];
                         for (hit, slot, write) in wakes {
                             match slot {
                                 Some(h) if hit && h.get().is_cancelled() => stale.push((fd, write)),
-                                Some(h) if hit => out.handles.push(h.clone_ref(py)),
+                                Some(h) if hit => out.jobs.push(Job::Callback(h.clone_ref(py))),
                                 _ => {}
                             }
                         }

@@ -11,6 +11,19 @@
 
 use std::collections::VecDeque;
 
+use pyo3::prelude::*;
+
+use crate::handles::Handle;
+use crate::reactor::IoEvent;
+
+/// One entry of the loop's ready queue.
+pub enum Job {
+    /// A `Handle` (call_soon, a due timer, a reader/writer or signal callback).
+    Callback(Py<Handle>),
+    /// A native transport's fd became ready.
+    Io(IoEvent),
+}
+
 /// FIFO of ready callbacks with batch hand-off.
 pub struct ReadyQueue<T> {
     queue: VecDeque<T>,

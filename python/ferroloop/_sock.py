@@ -118,15 +118,6 @@ class SockMixin:
 
     __slots__ = ()
 
-    # -- hooks ------------------------------------------------------------------------------
-
-    def _ensure_fd_no_transport(self, fd):
-        """Refuse raw I/O on an fd a live transport owns.
-
-        A no-op until ferroloop has transports; the sock methods already call it wherever
-        asyncio does, so only this body has to change then.
-        """
-
     def _check_sock(self, sock):
         _check_ssl_socket(sock)
         # A blocking socket would stall the whole loop; like asyncio, only debug mode checks.
