@@ -13,64 +13,28 @@
 //! with the interpreter attached, so the lock is never contended; `try_lock` turns an
 //! unexpected re-entry into a Python error instead of a deadlock.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use pyo3::exceptions::{
-    PyConnectionError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PySystemExit, PyTypeError,
-    PyValueError,
-};
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
-use pyo3::{ffi, intern};
 
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
+use crate::iobuf::{
+    cl, close_fd, is_exit, logger, none, notify_flow, py_bool, read_bytes, read_into,
+    warn_unclosed, would_block, write_vectored, FlowControl, RawBuffer, WriteBuffer,
+};
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 
-/// Bytes asked of one `recv` (the stdlib's `max_size`).
-const MAX_READ: usize = 256 * 1024;
-/// Default high-water mark of the write buffer (the stdlib's).
-const DEFAULT_HIGH_WATER: i64 = 64 * 1024;
 /// After this many writes to a lost connection, each one logs a warning.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
-/// Buffers handed to one `sendmsg`.
-const MAX_IOV: usize = 64;
-
-thread_local! {
-    /// The loop thread's read buffer: data is copied out into a `bytes` of the exact
-    /// size before any Python code runs, so one buffer serves every transport.
-    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_READ].into_boxed_slice());
-}
-
-/// Part of the write buffer: a `bytes` kept by reference, or a copy of anything
-/// mutable (a `bytearray` or `memoryview` the caller may change after `write`).
-enum Chunk {
-    Shared { bytes: Py<PyBytes>, start: usize },
-    Owned { data: Vec<u8>, start: usize },
-}
-
-impl Chunk {
-    fn remaining<'a>(&'a self, py: Python<'_>) -> &'a [u8] {
-        match self {
-            Chunk::Shared { bytes, start } => &bytes.as_bytes(py)[*start..],
-            Chunk::Owned { data, start } => &data[*start..],
-        }
-    }
-
-    fn advance(&mut self, n: usize) {
-        match self {
-            Chunk::Shared { start, .. } | Chunk::Owned { start, .. } => *start += n,
-        }
-    }
-}
-
 struct Inner {
     /// The socket's fd; -1 once closed.
     fd: RawFd,
@@ -85,11 +49,8 @@ struct Inner {
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
     extra: Option<Py<PyDict>>,
-    chunks: VecDeque<Chunk>,
-    buffer_size: usize,
-    high_water: i64,
-    low_water: i64,
-    protocol_paused: bool,
+    wbuf: WriteBuffer,
+    flow: FlowControl,
     closing: bool,
     eof: bool,
     conn_lost: u32,
@@ -141,12 +102,8 @@ impl NativeState for Stream {
         if r == 0 {
             r = visit.opt(&g.extra);
         }
-        for c in &g.chunks {
-            if r == 0 {
-                if let Chunk::Shared { bytes, .. } = c {
-                    r = visit.call(bytes);
-                }
-            }
+        if r == 0 {
+            r = g.wbuf.traverse(visit);
         }
         r
     }
@@ -170,16 +127,7 @@ impl NativeState for Stream {
         if !open {
             return;
         }
-        let warned = obj.repr().and_then(|r| {
-            let warn = cached(py, &WARN, "warnings", "warn")?;
-            let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
-            let kwargs = PyDict::new(py);
-            kwargs.set_item("source", obj)?;
-            warn.call((format!("unclosed transport {r}"), category), Some(&kwargs))
-        });
-        if let Err(e) = warned {
-            e.write_unraisable(py, Some(obj));
-        }
+        warn_unclosed(obj);
         let (sock, fd, loop_, owner) = match state.lock() {
             Ok(mut g) => {
                 let fd = std::mem::replace(&mut g.fd, -1);
@@ -215,138 +163,16 @@ impl NativeState for Stream {
                 .into(),
             );
             let state = if g.want_write { "polling" } else { "idle" };
-            info.push(format!("write=<{state}, bufsize={}>", g.buffer_size));
+            info.push(format!("write=<{state}, bufsize={}>", g.wbuf.len()));
         }
         Ok(format!("<{}>", info.join(" ")))
     }
 }
 
-static WARN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SET_RESULT_UNLESS_CANCELLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static TRANSPORT_SOCKET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SOCKET_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-fn logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    cached(py, &LOGGER, "asyncio.log", "logger")
-}
-
-/// Closes the transport's socket: through the socket object when there is one (so it
-/// knows it is closed), else the bare fd.
-fn close_fd(py: Python<'_>, sock: Option<Py<PyAny>>, fd: RawFd) -> PyResult<()> {
-    match sock {
-        Some(s) => s.bind(py).call_method0(intern!(py, "close")).map(drop),
-        None if fd >= 0 => {
-            // SAFETY: we own `fd` and nothing else refers to it any more.
-            unsafe { libc::close(fd) };
-            Ok(())
-        }
-        None => Ok(()),
-    }
-}
-
-fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
-    e.is_instance_of::<PySystemExit>(py) || e.is_instance_of::<PyKeyboardInterrupt>(py)
-}
-
-fn would_block(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
-}
-
-/// A contiguous view of any buffer-protocol object (`PyBUF_SIMPLE`), released on drop.
-struct RawBuffer {
-    view: Box<ffi::Py_buffer>,
-}
-
-impl RawBuffer {
-    fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
-        // SAFETY: an all-zero Py_buffer is a valid out-parameter.
-        let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
-        let flags = if writable {
-            ffi::PyBUF_WRITABLE
-        } else {
-            ffi::PyBUF_SIMPLE
-        };
-        // SAFETY: `view` is a boxed, writable Py_buffer that outlives the export.
-        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
-            return Err(PyErr::fetch(obj.py()));
-        }
-        Ok(Self { view })
-    }
-
-    fn len(&self) -> usize {
-        self.view.len as usize
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        if self.len() == 0 {
-            return &[];
-        }
-        // SAFETY: PyBUF_SIMPLE exports `len` contiguous bytes at `buf`.
-        unsafe { std::slice::from_raw_parts(self.view.buf.cast(), self.len()) }
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.view.buf.cast()
-    }
-}
-
-impl Drop for RawBuffer {
-    fn drop(&mut self) {
-        // SAFETY: releases the export made in `get`; buffers are only handled on the
-        // loop thread with the interpreter attached.
-        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
-    }
-}
-
-fn recv(fd: RawFd, buf: *mut u8, len: usize) -> io::Result<usize> {
-    // SAFETY: `buf` points to `len` writable bytes.
-    let n = unsafe { libc::recv(fd, buf.cast(), len, 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn send_all_of(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
-    if bufs.len() == 1 {
-        // SAFETY: the slice is valid for its length.
-        let n = unsafe {
-            libc::send(
-                fd,
-                bufs[0].as_ptr().cast(),
-                bufs[0].len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        return if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        };
-    }
-    let iov: Vec<libc::iovec> = bufs
-        .iter()
-        .take(MAX_IOV)
-        .map(|b| libc::iovec {
-            iov_base: b.as_ptr() as *mut _,
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: an all-zero msghdr is valid; it points at `iov`, alive for the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut _;
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: `msg` describes live buffers.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
 
 fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on our fd.
@@ -355,14 +181,6 @@ fn shutdown_write(fd: RawFd) -> io::Result<()> {
     } else {
         Ok(())
     }
-}
-
-fn cl<T>(py: Python<'_>, o: &Option<Py<T>>) -> Option<Py<T>> {
-    o.as_ref().map(|x| x.clone_ref(py))
-}
-
-fn none(py: Python<'_>) -> Py<PyAny> {
-    py.None()
 }
 
 impl Inner {
@@ -462,9 +280,7 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     if buffered {
         return read_into_protocol_buffer(obj, st, fd, &protocol);
     }
-    let read = READ_BUF.with_borrow_mut(|buf| {
-        recv(fd, buf.as_mut_ptr(), buf.len()).map(|n| PyBytes::new(py, &buf[..n]))
-    });
+    let read = read_bytes(py, fd, true);
     let data = match read {
         Ok(d) => d,
         Err(e) if would_block(&e) => return Ok(()),
@@ -512,7 +328,7 @@ fn read_into_protocol_buffer(
     }) else {
         return Ok(());
     };
-    let n = recv(fd, buf.as_mut_ptr(), buf.len());
+    let n = read_into(fd, buf.as_mut_ptr(), buf.len(), true);
     drop(buf);
     let n = match n {
         Ok(n) => n,
@@ -571,27 +387,18 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     if g.conn_lost > 0 || g.fd < 0 {
         return Ok(());
     }
-    if g.chunks.is_empty() {
+    if g.wbuf.is_empty() {
         let read = g.want_read;
         return g.set_interest(obj, read, false);
     }
-    let sent = {
-        let bufs: Vec<&[u8]> = g
-            .chunks
-            .iter()
-            .take(MAX_IOV)
-            .map(|c| c.remaining(py))
-            .collect();
-        send_all_of(g.fd, &bufs)
-    };
+    let sent = g.wbuf.write_to(py, g.fd, true);
     let n = match sent {
         Ok(n) => n,
         Err(e) if would_block(&e) => return Ok(()),
         Err(e) => {
             let read = g.want_read;
             g.set_interest(obj, read, false)?;
-            let dropped = std::mem::take(&mut g.chunks);
-            g.buffer_size = 0;
+            let dropped = g.wbuf.take();
             let waiter = cl(py, &g.empty_waiter);
             drop(g);
             drop(dropped);
@@ -605,11 +412,11 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
             return Ok(());
         }
     };
-    consume(&mut g, py, n);
+    g.wbuf.consume(py, n);
     drop(g);
     maybe_resume_protocol(obj, st)?; // may write more
     let mut g = st.lock()?;
-    if !g.chunks.is_empty() {
+    if !g.wbuf.is_empty() {
         return Ok(());
     }
     let read = g.want_read;
@@ -636,76 +443,30 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     Ok(())
 }
 
-/// Drops `n` sent bytes from the front of the write buffer.
-fn consume(g: &mut Inner, py: Python<'_>, mut n: usize) {
-    g.buffer_size -= n;
-    while n > 0 {
-        let Some(front) = g.chunks.front_mut() else {
-            break;
-        };
-        let len = front.remaining(py).len();
-        if n >= len {
-            n -= len;
-            g.chunks.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
-    }
-}
-
 fn maybe_pause_protocol(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     let py = obj.py();
-    let protocol = {
+    let (l, protocol) = {
         let mut g = st.lock()?;
-        if g.buffer_size as i64 <= g.high_water || g.protocol_paused {
+        let size = g.wbuf.len();
+        if !g.flow.pause_needed(size) {
             return Ok(());
         }
-        g.protocol_paused = true;
-        g.protocol(py)?
+        (g.loop_ref(py)?, g.protocol(py)?)
     };
-    if let Err(e) = protocol.call_method0(intern!(py, "pause_writing")) {
-        flow_control_failed(obj, &protocol, e, "protocol.pause_writing() failed")?;
-    }
-    Ok(())
+    notify_flow(obj, &l, &protocol, true)
 }
 
 fn maybe_resume_protocol(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     let py = obj.py();
-    let protocol = {
+    let (l, protocol) = {
         let mut g = st.lock()?;
-        if !(g.protocol_paused && g.buffer_size as i64 <= g.low_water) {
+        let size = g.wbuf.len();
+        if !g.flow.resume_needed(size) {
             return Ok(());
         }
-        g.protocol_paused = false;
-        g.protocol(py)?
+        (g.loop_ref(py)?, g.protocol(py)?)
     };
-    if let Err(e) = protocol.call_method0(intern!(py, "resume_writing")) {
-        flow_control_failed(obj, &protocol, e, "protocol.resume_writing() failed")?;
-    }
-    Ok(())
-}
-
-fn flow_control_failed(
-    obj: &Bound<'_, PyAny>,
-    protocol: &Bound<'_, PyAny>,
-    e: PyErr,
-    message: &str,
-) -> PyResult<()> {
-    let py = obj.py();
-    if is_exit(py, &e) {
-        return Err(e);
-    }
-    // SAFETY: `obj` is a stream transport (only called from its own methods).
-    let st = unsafe { pytype::state::<Stream>(obj) }?;
-    let l = st.lock()?.loop_ref(py)?;
-    let ctx = PyDict::new(py);
-    ctx.set_item("message", message)?;
-    ctx.set_item("exception", e)?;
-    ctx.set_item("transport", obj)?;
-    ctx.set_item("protocol", protocol)?;
-    l.call_method1(intern!(py, "call_exception_handler"), (ctx,))?;
-    Ok(())
+    notify_flow(obj, &l, &protocol, false)
 }
 
 /// The stdlib's `_fatal_error`: OSErrors are only logged in debug mode (they are the
@@ -747,8 +508,7 @@ fn force_close(obj: &Bound<'_, PyAny>, st: &Stream, exc: Bound<'_, PyAny>) -> Py
         if g.conn_lost > 0 {
             return Ok(());
         }
-        let dropped = std::mem::take(&mut g.chunks);
-        g.buffer_size = 0;
+        let dropped = g.wbuf.take();
         g.closing = true;
         g.set_interest(obj, false, false)?;
         g.conn_lost += 1;
@@ -778,7 +538,7 @@ fn close(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         g.closing = true;
         let write = g.want_write;
         g.set_interest(obj, false, write)?;
-        if !g.chunks.is_empty() {
+        if !g.wbuf.is_empty() {
             return Ok(()); // connection_lost follows the last write
         }
         g.conn_lost += 1;
@@ -886,13 +646,13 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]
         return Ok(());
     }
     let mut sent = 0;
-    if g.chunks.is_empty() {
+    if g.wbuf.is_empty() {
         let slices: Vec<&[u8]> = bufs
             .iter()
             .map(RawBuffer::as_slice)
             .filter(|s| !s.is_empty())
             .collect();
-        match send_all_of(g.fd, &slices) {
+        match write_vectored(g.fd, &slices, true) {
             Ok(n) => sent = n,
             Err(e) if would_block(&e) => {}
             Err(e) => {
@@ -911,28 +671,7 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]
         let read = g.want_read;
         g.set_interest(obj, read, true)?;
     }
-    // Keep the rest: a `bytes` by reference, anything mutable as a copy.
-    let mut skip = sent;
-    for (item, buf) in items.iter().zip(&bufs) {
-        let len = buf.len();
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let chunk = match item.cast::<PyBytes>() {
-            Ok(b) if b.is_exact_instance_of::<PyBytes>() => Chunk::Shared {
-                bytes: b.clone().unbind(),
-                start: skip,
-            },
-            _ => Chunk::Owned {
-                data: buf.as_slice()[skip..].to_vec(),
-                start: 0,
-            },
-        };
-        skip = 0;
-        g.chunks.push_back(chunk);
-    }
-    g.buffer_size += total - sent;
+    g.wbuf.push_rest(items, &bufs, sent);
     drop(g);
     drop(bufs);
     maybe_pause_protocol(obj, st)
@@ -968,7 +707,7 @@ fn m_write_eof(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyRe
         return Ok(none(obj.py()));
     }
     g.eof = true;
-    if g.chunks.is_empty() {
+    if g.wbuf.is_empty() {
         shutdown_write(g.fd).map_err(os_error)?;
     }
     Ok(none(obj.py()))
@@ -980,10 +719,7 @@ fn m_can_write_eof(
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
     args.none("can_write_eof")?;
-    Ok(pyo3::types::PyBool::new(obj.py(), true)
-        .to_owned()
-        .into_any()
-        .unbind())
+    Ok(py_bool(obj.py(), true))
 }
 
 fn m_close(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
@@ -1017,20 +753,14 @@ fn m_call_connection_lost(
 fn m_is_closing(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
     args.none("is_closing")?;
     let closing = st.lock()?.closing;
-    Ok(pyo3::types::PyBool::new(obj.py(), closing)
-        .to_owned()
-        .into_any()
-        .unbind())
+    Ok(py_bool(obj.py(), closing))
 }
 
 fn m_is_reading(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
     args.none("is_reading")?;
     let g = st.lock()?;
     let reading = !g.paused && !g.closing;
-    Ok(pyo3::types::PyBool::new(obj.py(), reading)
-        .to_owned()
-        .into_any()
-        .unbind())
+    Ok(py_bool(obj.py(), reading))
 }
 
 fn m_pause_reading(
@@ -1140,30 +870,7 @@ fn m_set_write_buffer_limits(
     st: &Stream,
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
-    let [high, low] = args.parse("set_write_buffer_limits", ["high", "low"], 0)?;
-    let high: Option<i64> = high
-        .filter(|h| !h.is_none())
-        .map(|h| h.extract())
-        .transpose()?;
-    let low: Option<i64> = low
-        .filter(|l| !l.is_none())
-        .map(|l| l.extract())
-        .transpose()?;
-    let high = high.unwrap_or(match low {
-        None => DEFAULT_HIGH_WATER,
-        Some(l) => 4 * l,
-    });
-    let low = low.unwrap_or(high.div_euclid(4));
-    if !(high >= low && low >= 0) {
-        return Err(PyValueError::new_err(format!(
-            "high ({high}) must be >= low ({low}) must be >= 0"
-        )));
-    }
-    {
-        let mut g = st.lock()?;
-        g.high_water = high;
-        g.low_water = low;
-    }
+    st.lock()?.flow.set_limits(args)?;
     maybe_pause_protocol(obj, st)?;
     Ok(none(obj.py()))
 }
@@ -1174,11 +881,8 @@ fn m_get_write_buffer_limits(
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
     args.none("get_write_buffer_limits")?;
-    let g = st.lock()?;
-    Ok((g.low_water, g.high_water)
-        .into_pyobject(obj.py())?
-        .into_any()
-        .unbind())
+    let limits = st.lock()?.flow.limits();
+    Ok(limits.into_pyobject(obj.py())?.into_any().unbind())
 }
 
 fn m_get_write_buffer_size(
@@ -1187,7 +891,7 @@ fn m_get_write_buffer_size(
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
     args.none("get_write_buffer_size")?;
-    let size = st.lock()?.buffer_size;
+    let size = st.lock()?.wbuf.len();
     Ok(size.into_pyobject(obj.py())?.into_any().unbind())
 }
 
@@ -1209,7 +913,7 @@ fn m_make_empty_waiter(
     let empty = {
         let mut g = st.lock()?;
         g.empty_waiter = Some(fut.clone().unbind());
-        g.chunks.is_empty()
+        g.wbuf.is_empty()
     };
     if empty {
         fut.call_method1(intern!(py, "set_result"), (py.None(),))?;
@@ -1491,11 +1195,8 @@ pub fn new_socket_transport<'py>(
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
             extra: Some(extra_dict.unbind()),
-            chunks: VecDeque::new(),
-            buffer_size: 0,
-            high_water: DEFAULT_HIGH_WATER,
-            low_water: DEFAULT_HIGH_WATER / 4,
-            protocol_paused: false,
+            wbuf: WriteBuffer::default(),
+            flow: FlowControl::default(),
             closing: false,
             eof: false,
             conn_lost: 0,

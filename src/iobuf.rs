@@ -1,0 +1,426 @@
+//! What every fd-based transport shares: the write buffer, buffer-protocol views and
+//! the read/write syscalls (`recv`/`sendmsg` for sockets, `read`/`writev` for pipes).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::ffi::c_int;
+use std::io;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyResourceWarning, PySystemExit, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict};
+use pyo3::{ffi, intern};
+
+use crate::event_loop::LoopCore;
+use crate::pyhelpers::cached;
+use crate::pytype::{Args, Visit};
+
+/// Bytes asked of one `recv` (the stdlib's `max_size`).
+const MAX_READ: usize = 256 * 1024;
+/// Buffers handed to one `sendmsg`.
+const MAX_IOV: usize = 64;
+
+thread_local! {
+    /// The loop thread's read buffer: data is copied out into a `bytes` of the exact
+    /// size before any Python code runs, so one buffer serves every transport.
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_READ].into_boxed_slice());
+}
+
+/// Part of the write buffer: a `bytes` kept by reference, or a copy of anything
+/// mutable (a `bytearray` or `memoryview` the caller may change after `write`).
+pub(crate) enum Chunk {
+    Shared { bytes: Py<PyBytes>, start: usize },
+    Owned { data: Vec<u8>, start: usize },
+}
+
+impl Chunk {
+    fn remaining<'a>(&'a self, py: Python<'_>) -> &'a [u8] {
+        match self {
+            Chunk::Shared { bytes, start } => &bytes.as_bytes(py)[*start..],
+            Chunk::Owned { data, start } => &data[*start..],
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Chunk::Shared { start, .. } | Chunk::Owned { start, .. } => *start += n,
+        }
+    }
+}
+
+/// Bytes not yet written, in order.
+#[derive(Default)]
+pub(crate) struct WriteBuffer {
+    chunks: VecDeque<Chunk>,
+    size: usize,
+}
+
+impl WriteBuffer {
+    /// Total bytes waiting.
+    pub fn len(&self) -> usize {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Empties the buffer, handing the contents back to be dropped with no lock held.
+    pub fn take(&mut self) -> WriteBuffer {
+        std::mem::take(self)
+    }
+
+    /// Appends what is left of `items` (viewed as `bufs`) after the first `skip` bytes:
+    /// a `bytes` by reference, anything mutable as a copy.
+    pub fn push_rest(&mut self, items: &[Bound<'_, PyAny>], bufs: &[RawBuffer], mut skip: usize) {
+        for (item, buf) in items.iter().zip(bufs) {
+            let len = buf.len();
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let chunk = match item.cast::<PyBytes>() {
+                Ok(b) if b.is_exact_instance_of::<PyBytes>() => Chunk::Shared {
+                    bytes: b.clone().unbind(),
+                    start: skip,
+                },
+                _ => Chunk::Owned {
+                    data: buf.as_slice()[skip..].to_vec(),
+                    start: 0,
+                },
+            };
+            self.size += len - skip;
+            skip = 0;
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Writes as much as the fd takes in one vectored call.
+    pub fn write_to(&self, py: Python<'_>, fd: RawFd, socket: bool) -> io::Result<usize> {
+        let bufs: Vec<&[u8]> = self
+            .chunks
+            .iter()
+            .take(MAX_IOV)
+            .map(|c| c.remaining(py))
+            .collect();
+        write_vectored(fd, &bufs, socket)
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn consume(&mut self, py: Python<'_>, mut n: usize) {
+        self.size -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let len = front.remaining(py).len();
+            if n >= len {
+                n -= len;
+                self.chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    pub fn traverse(&self, visit: &Visit) -> c_int {
+        for c in &self.chunks {
+            if let Chunk::Shared { bytes, .. } = c {
+                let r = visit.call(bytes);
+                if r != 0 {
+                    return r;
+                }
+            }
+        }
+        0
+    }
+}
+
+/// A contiguous view of any buffer-protocol object (`PyBUF_SIMPLE`), released on drop.
+pub(crate) struct RawBuffer {
+    view: Box<ffi::Py_buffer>,
+}
+
+impl RawBuffer {
+    pub fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        // SAFETY: an all-zero Py_buffer is a valid out-parameter.
+        let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+        let flags = if writable {
+            ffi::PyBUF_WRITABLE
+        } else {
+            ffi::PyBUF_SIMPLE
+        };
+        // SAFETY: `view` is a boxed, writable Py_buffer that outlives the export.
+        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        Ok(Self { view })
+    }
+
+    pub fn len(&self) -> usize {
+        self.view.len as usize
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        if self.len() == 0 {
+            return &[];
+        }
+        // SAFETY: PyBUF_SIMPLE exports `len` contiguous bytes at `buf`.
+        unsafe { std::slice::from_raw_parts(self.view.buf.cast(), self.len()) }
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.view.buf.cast()
+    }
+}
+
+impl Drop for RawBuffer {
+    fn drop(&mut self) {
+        // SAFETY: releases the export made in `get`; buffers are only handled on the
+        // loop thread with the interpreter attached.
+        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
+    }
+}
+
+static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static WARN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+pub(crate) fn logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    cached(py, &LOGGER, "asyncio.log", "logger")
+}
+
+/// Closes the transport's socket: through the socket object when there is one (so it
+/// knows it is closed), else the bare fd.
+pub(crate) fn close_fd(py: Python<'_>, sock: Option<Py<PyAny>>, fd: RawFd) -> PyResult<()> {
+    match sock {
+        Some(s) => s.bind(py).call_method0(intern!(py, "close")).map(drop),
+        None if fd >= 0 => {
+            // SAFETY: we own `fd` and nothing else refers to it any more.
+            unsafe { libc::close(fd) };
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
+    e.is_instance_of::<PySystemExit>(py) || e.is_instance_of::<PyKeyboardInterrupt>(py)
+}
+
+pub(crate) fn would_block(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+}
+
+/// Reads once from `fd` into the loop thread's buffer and returns the data as `bytes`
+/// (empty at end of file).
+pub(crate) fn read_bytes<'py>(
+    py: Python<'py>,
+    fd: RawFd,
+    socket: bool,
+) -> io::Result<Bound<'py, PyBytes>> {
+    READ_BUF.with_borrow_mut(|buf| {
+        read_into(fd, buf.as_mut_ptr(), buf.len(), socket).map(|n| PyBytes::new(py, &buf[..n]))
+    })
+}
+
+/// One `recv` (sockets) or `read` (pipes) into `len` bytes at `buf`.
+pub(crate) fn read_into(fd: RawFd, buf: *mut u8, len: usize, socket: bool) -> io::Result<usize> {
+    // SAFETY: `buf` points to `len` writable bytes.
+    let n = unsafe {
+        if socket {
+            libc::recv(fd, buf.cast(), len, 0)
+        } else {
+            libc::read(fd, buf.cast(), len)
+        }
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `send`/`sendmsg` (sockets, with MSG_NOSIGNAL: a closed peer is EPIPE, never
+/// SIGPIPE) or `write`/`writev` (pipes) of up to [`MAX_IOV`] buffers.
+pub(crate) fn write_vectored(fd: RawFd, bufs: &[&[u8]], socket: bool) -> io::Result<usize> {
+    let n = if bufs.len() == 1 {
+        let b = bufs[0];
+        // SAFETY: the slice is valid for its length.
+        unsafe {
+            if socket {
+                libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_NOSIGNAL)
+            } else {
+                libc::write(fd, b.as_ptr().cast(), b.len())
+            }
+        }
+    } else {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .take(MAX_IOV)
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            })
+            .collect();
+        if socket {
+            // SAFETY: an all-zero msghdr is valid; it points at `iov`, alive for the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_ptr() as *mut _;
+            msg.msg_iovlen = iov.len() as _;
+            // SAFETY: `msg` describes live buffers.
+            unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
+        } else {
+            // SAFETY: `iov` describes live buffers.
+            unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as c_int) }
+        }
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `Option<Py<T>>::clone` with the interpreter's token.
+pub(crate) fn cl<T>(py: Python<'_>, o: &Option<Py<T>>) -> Option<Py<T>> {
+    o.as_ref().map(|x| x.clone_ref(py))
+}
+
+/// `None`, as a method result.
+pub(crate) fn none(py: Python<'_>) -> Py<PyAny> {
+    py.None()
+}
+
+/// A `bool` method result.
+pub(crate) fn py_bool(py: Python<'_>, v: bool) -> Py<PyAny> {
+    pyo3::types::PyBool::new(py, v)
+        .to_owned()
+        .into_any()
+        .unbind()
+}
+
+/// Emits the stdlib's `ResourceWarning: unclosed transport <repr>` (from a finalizer).
+pub(crate) fn warn_unclosed(obj: &Bound<'_, PyAny>) {
+    let py = obj.py();
+    let warned = obj.repr().and_then(|r| {
+        let warn = cached(py, &WARN, "warnings", "warn")?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("source", obj)?;
+        warn.call(
+            (
+                format!("unclosed transport {r}"),
+                py.get_type::<PyResourceWarning>(),
+            ),
+            Some(&kwargs),
+        )
+    });
+    if let Err(e) = warned {
+        e.write_unraisable(py, Some(obj));
+    }
+}
+
+/// Default high-water mark of a write buffer (the stdlib's).
+pub(crate) const DEFAULT_HIGH_WATER: i64 = 64 * 1024;
+
+/// The stdlib's `_FlowControlMixin` state: the write buffer's water marks and whether
+/// the protocol was told to pause.
+pub(crate) struct FlowControl {
+    high: i64,
+    low: i64,
+    paused: bool,
+}
+
+impl Default for FlowControl {
+    fn default() -> Self {
+        Self {
+            high: DEFAULT_HIGH_WATER,
+            low: DEFAULT_HIGH_WATER / 4,
+            paused: false,
+        }
+    }
+}
+
+impl FlowControl {
+    /// True (and now paused) if a buffer of `size` bytes must pause the protocol.
+    pub fn pause_needed(&mut self, size: usize) -> bool {
+        if size as i64 <= self.high || self.paused {
+            return false;
+        }
+        self.paused = true;
+        true
+    }
+
+    /// True (and no longer paused) if a buffer of `size` bytes lets the protocol resume.
+    pub fn resume_needed(&mut self, size: usize) -> bool {
+        if !(self.paused && size as i64 <= self.low) {
+            return false;
+        }
+        self.paused = false;
+        true
+    }
+
+    /// `(low, high)`, as `get_write_buffer_limits` returns them.
+    pub fn limits(&self) -> (i64, i64) {
+        (self.low, self.high)
+    }
+
+    /// `set_write_buffer_limits(high=None, low=None)`'s defaults and validation.
+    pub fn set_limits(&mut self, args: &Args<'_, '_>) -> PyResult<()> {
+        let [high, low] = args.parse("set_write_buffer_limits", ["high", "low"], 0)?;
+        let int = |v: Option<Bound<'_, PyAny>>| -> PyResult<Option<i64>> {
+            v.filter(|v| !v.is_none()).map(|v| v.extract()).transpose()
+        };
+        let (high, low) = (int(high)?, int(low)?);
+        let high = high.unwrap_or(match low {
+            None => DEFAULT_HIGH_WATER,
+            Some(l) => 4 * l,
+        });
+        let low = low.unwrap_or(high.div_euclid(4));
+        if !(high >= low && low >= 0) {
+            return Err(PyValueError::new_err(format!(
+                "high ({high}) must be >= low ({low}) must be >= 0"
+            )));
+        }
+        self.high = high;
+        self.low = low;
+        Ok(())
+    }
+}
+
+/// Calls the protocol's `pause_writing()` (`pause`) or `resume_writing()`; an exception
+/// other than an exit goes to the loop's exception handler, as in the stdlib.
+pub(crate) fn notify_flow(
+    obj: &Bound<'_, PyAny>,
+    l: &Bound<'_, LoopCore>,
+    protocol: &Bound<'_, PyAny>,
+    pause: bool,
+) -> PyResult<()> {
+    let py = obj.py();
+    let (method, message) = if pause {
+        (
+            intern!(py, "pause_writing"),
+            "protocol.pause_writing() failed",
+        )
+    } else {
+        (
+            intern!(py, "resume_writing"),
+            "protocol.resume_writing() failed",
+        )
+    };
+    match protocol.call_method0(method) {
+        Ok(_) => Ok(()),
+        Err(e) if is_exit(py, &e) => Err(e),
+        Err(e) => {
+            let ctx = PyDict::new(py);
+            ctx.set_item("message", message)?;
+            ctx.set_item("exception", e)?;
+            ctx.set_item("transport", obj)?;
+            ctx.set_item("protocol", protocol)?;
+            l.call_method1(intern!(py, "call_exception_handler"), (ctx,))
+                .map(drop)
+        }
+    }
+}
