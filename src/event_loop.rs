@@ -631,6 +631,32 @@ impl LoopCore {
         crate::stream::new_socket_transport(slf, sock, protocol, waiter, extra, server)
     }
 
+    /// The read end of a pipe as a transport (`connect_read_pipe`, see `pipes`).
+    #[pyo3(signature = (pipe, protocol, waiter=None, extra=None))]
+    fn _make_read_pipe_transport<'py>(
+        slf: &Bound<'py, Self>,
+        pipe: Bound<'py, PyAny>,
+        protocol: Bound<'py, PyAny>,
+        waiter: Option<Bound<'py, PyAny>>,
+        extra: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed()?;
+        crate::pipes::new_pipe_transport(slf, pipe, protocol, waiter, extra, false)
+    }
+
+    /// The write end of a pipe as a transport (`connect_write_pipe`, see `pipes`).
+    #[pyo3(signature = (pipe, protocol, waiter=None, extra=None))]
+    fn _make_write_pipe_transport<'py>(
+        slf: &Bound<'py, Self>,
+        pipe: Bound<'py, PyAny>,
+        protocol: Bound<'py, PyAny>,
+        waiter: Option<Bound<'py, PyAny>>,
+        extra: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed()?;
+        crate::pipes::new_pipe_transport(slf, pipe, protocol, waiter, extra, true)
+    }
+
     /// Sets (a ferroloop transport) or clears (None) the owner of `fd`, as the stdlib's
     /// `loop._transports[fd]`: `loop.sendfile` lends a transport's socket to
     /// `sock_sendfile` this way.

@@ -7,7 +7,8 @@
 //! - `timers`: the timer heap with lazy cancellation;
 //! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
 //! - `pytype`: native classes deriving from asyncio's Python transport classes;
-//! - `stream`: TCP/Unix stream transports; `iobuf`: their write buffer and syscalls;
+//! - `stream`: TCP/Unix stream transports; `pipes`: read/write pipe transports;
+//!   `iobuf`: what they share (write buffer, flow control, syscalls);
 //! - `signals`: delivery of `add_signal_handler` callbacks;
 //! - `dns`: the native thread pool behind `getaddrinfo`/`getnameinfo`;
 //! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
@@ -25,6 +26,7 @@ pub mod errors;
 pub mod event_loop;
 pub mod handles;
 pub mod iobuf;
+pub mod pipes;
 pub mod pyhelpers;
 pub mod pytype;
 pub mod reactor;

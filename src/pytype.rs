@@ -213,6 +213,7 @@ macro_rules! native_method {
 }
 
 /// One entry of a native class's method table.
+#[derive(Clone, Copy)]
 pub struct MethodSpec {
     pub name: &'static CStr,
     pub func: ffi::PyCFunctionFastWithKeywords,

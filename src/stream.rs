@@ -600,7 +600,7 @@ fn call_connection_lost(
 }
 
 /// Validates `write`'s argument type as the stdlib does.
-fn check_data(data: &Bound<'_, PyAny>) -> PyResult<()> {
+pub(crate) fn check_data(data: &Bound<'_, PyAny>) -> PyResult<()> {
     if data.is_instance_of::<PyBytes>()
         || data.is_instance_of::<PyByteArray>()
         || data.is_instance_of::<PyMemoryView>()

@@ -90,6 +90,20 @@ class LoopCore:
         extra: dict[str, Any] | None = None,
         server: Any = None,
     ) -> asyncio.Transport: ...
+    def _make_read_pipe_transport(
+        self,
+        pipe: Any,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> asyncio.ReadTransport: ...
+    def _make_write_pipe_transport(
+        self,
+        pipe: Any,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> asyncio.WriteTransport: ...
     def _run_once(self) -> None: ...
     def _run_forever_core(self) -> None: ...
     @property
