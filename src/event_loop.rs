@@ -329,6 +329,7 @@ impl LoopCore {
         args: Bound<'_, PyTuple>,
     ) -> PyResult<()> {
         let this = slf.get();
+        this.check_closed()?;
         let handle = this
             .new_handle(slf.as_any(), func, args, None)
             .handle(true)?;
