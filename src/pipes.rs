@@ -162,7 +162,10 @@ impl NativeState for Pipe {
             info.push("closing".into());
         }
         info.push(format!("fd={}", g.fileno));
-        if g.fd >= 0 {
+        let loop_open = g.loop_.as_ref().is_some_and(|l| !l.get().closed_flag());
+        if g.fd >= 0 && !loop_open {
+            info.push("open".into());
+        } else if g.fd >= 0 {
             let polling = if g.writer { g.want_write } else { g.want_read };
             info.push(if polling { "polling" } else { "idle" }.into());
             if g.writer {
@@ -357,15 +360,19 @@ fn fatal_error(obj: &Bound<'_, PyAny>, st: &Pipe, exc: PyErr, message: &str) -> 
     };
     if let Some(l) = l {
         let l = l.bind(py);
-        let eio = exc.is_instance_of::<PyOSError>(py)
-            && exc
-                .value(py)
-                .getattr(intern!(py, "errno"))
-                .and_then(|e| e.extract::<Option<i32>>())
-                .ok()
-                .flatten()
-                == Some(libc::EIO);
-        if eio {
+        // A write pipe's peer going away is routine (a child exited); only a read pipe's
+        // EIO (a closed pseudo-terminal) is, for reads.
+        let writer = st.lock()?.writer;
+        let quiet = exc.is_instance_of::<PyOSError>(py)
+            && (writer
+                || exc
+                    .value(py)
+                    .getattr(intern!(py, "errno"))
+                    .and_then(|e| e.extract::<Option<i32>>())
+                    .ok()
+                    .flatten()
+                    == Some(libc::EIO));
+        if quiet {
             if l.get().debug_enabled() {
                 let kwargs = PyDict::new(py);
                 kwargs.set_item("exc_info", exc.value(py))?;

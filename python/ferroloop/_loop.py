@@ -20,8 +20,10 @@ import weakref
 from asyncio import base_events, coroutines, events, futures, tasks
 from asyncio.log import logger
 
-from ._ferroloop import LoopCore
+from ._ferroloop import Handle, LoopCore
+from ._net import NetMixin
 from ._sock import SockMixin
+from ._subprocess import SubprocessMixin
 
 # How deep a coroutine's origin is recorded in debug mode (asyncio's own constant).
 _DEBUG_STACK_DEPTH = 10
@@ -41,7 +43,7 @@ def _sighandler_noop(signum, frame):
     """Installed for signals with loop handlers: the wake-up fd does the real work."""
 
 
-class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
+class Loop(SockMixin, NetMixin, SubprocessMixin, LoopCore, asyncio.AbstractEventLoop):
     """An asyncio event loop whose scheduler, timers and reactor are written in Rust."""
 
     def __init__(self) -> None:
@@ -153,11 +155,6 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
             if not self.is_running():
                 self.close()
 
-    def _stop_serving(self, sock) -> None:
-        """Stop accepting on a listening socket and close it (``asyncio.Server`` calls it)."""
-        self.remove_reader(sock.fileno())
-        sock.close()
-
     # -- futures and tasks ------------------------------------------------------------
 
     def create_future(self) -> asyncio.Future:
@@ -206,10 +203,13 @@ class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
             sys.set_coroutine_origin_tracking_depth(self._coroutine_origin_tracking_saved_depth)
         self._coroutine_origin_tracking_enabled = enabled
 
-    def _log_slow_callback(self, handle, duration: float) -> None:
-        logger.warning(
-            "Executing %s took %.3f seconds", base_events._format_handle(handle), duration
-        )
+    def _log_slow_callback(self, what, duration: float) -> None:
+        # `what` is a Handle, or the transport whose I/O event the core just handled.
+        if isinstance(what, Handle):
+            text = base_events._format_handle(what)
+        else:
+            text = f"<I/O event of {what!r}>"
+        logger.warning("Executing %s took %.3f seconds", text, duration)
 
     # -- errors -----------------------------------------------------------------------
 

@@ -1,0 +1,194 @@
+"""The transport objects themselves: their class, lifetime and ownership of the fd.
+
+ferroloop's transports are native classes deriving from asyncio's transport classes;
+these tests pin what user code can observe about them, on both loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import socket
+import time
+import warnings
+import weakref
+
+import pytest
+
+
+async def _socket_transport(loop, protocol_factory=asyncio.Protocol):
+    a, b = socket.socketpair()
+    transport, protocol = await loop.create_connection(protocol_factory, sock=a)
+    return transport, protocol, b
+
+
+def test_socket_transport_is_a_transport_subclass_instance(loop):
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        try:
+            return type(transport), transport
+        finally:
+            transport.close()
+            peer.close()
+            await asyncio.sleep(0)
+
+    cls, transport = loop.run_until_complete(main())
+    assert isinstance(transport, asyncio.Transport)
+    assert issubclass(cls, asyncio.Transport)
+    assert issubclass(cls, asyncio.ReadTransport)
+    assert issubclass(cls, asyncio.WriteTransport)
+
+
+def test_transport_accepts_weakrefs_and_attributes(loop):
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        ref = weakref.ref(transport)
+        transport.user_tag = "mine"
+        tag = transport.user_tag
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+        return ref, tag, transport
+
+    ref, tag, transport = loop.run_until_complete(main())
+    assert ref() is transport
+    assert tag == "mine"
+
+
+@pytest.mark.ferroloop_only("the stdlib's transport classes can be instantiated by hand")
+def test_native_transport_class_cannot_be_instantiated_directly(loop):
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+        return type(transport)
+
+    cls = loop.run_until_complete(main())
+    with pytest.raises(TypeError):
+        cls()
+
+
+def test_pipe_transports_are_read_and_write_transports(loop):
+    async def main():
+        r, w = os.pipe()
+        rt, _ = await loop.connect_read_pipe(asyncio.Protocol, os.fdopen(r, "rb", 0))
+        wt, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(w, "wb", 0))
+        kinds = (isinstance(rt, asyncio.ReadTransport), isinstance(wt, asyncio.WriteTransport))
+        rt.close()
+        wt.close()
+        await asyncio.sleep(0.01)
+        return kinds
+
+    assert loop.run_until_complete(main()) == (True, True)
+
+
+def test_unreferenced_unclosed_transport_warns_and_closes_its_socket(loop):
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        transport.pause_reading()  # nothing in the loop refers to it any more
+        await asyncio.sleep(0)
+        fd = transport.get_extra_info("socket").fileno()
+        return weakref.ref(transport), fd, peer
+
+    with warnings.catch_warnings(record=True) as caught:
+        # The socket object may be finalized first when the transport dies in a cycle;
+        # then it warns too. Ours is the one asserted.
+        warnings.simplefilter("always")
+        ref, fd, peer = loop.run_until_complete(main())
+        gc.collect()
+    messages = [str(w.message) for w in caught]
+    del caught  # a warning keeps its source alive
+    gc.collect()
+    try:
+        assert any("unclosed transport" in m for m in messages), messages
+        assert ref() is None
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finally:
+        peer.close()
+
+
+def test_closed_protocol_transport_cycle_is_collected(loop):
+    class Holder(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+    async def main():
+        transport, protocol, peer = await _socket_transport(loop, Holder)
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0.01)
+        return weakref.ref(transport), weakref.ref(protocol)
+
+    refs = loop.run_until_complete(main())
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+def test_raw_io_on_a_transport_socket_is_refused(loop):
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        sock = transport.get_extra_info("socket")
+        errors = []
+        for call in (
+            lambda: loop.add_reader(sock.fileno(), print),
+            lambda: loop.remove_writer(sock.fileno()),
+        ):
+            with pytest.raises(RuntimeError, match="is used by transport") as info:
+                call()
+            errors.append(info.value)
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+        # Once the transport is closing, the fd is free for raw use again.
+        return errors
+
+    assert len(loop.run_until_complete(main())) == 2
+
+
+def test_closing_a_transport_after_its_loop_closed_raises(loop_factory):
+    loop = loop_factory()
+
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        return transport, peer
+
+    transport, peer = loop.run_until_complete(main())
+    loop.close()
+    try:
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            transport.close()
+    finally:
+        peer.close()
+        transport.get_extra_info("socket")  # still answers
+        with pytest.warns(ResourceWarning):
+            del transport
+            gc.collect()
+
+
+def test_slow_protocol_callback_in_debug_mode_is_logged_not_fatal(loop, caplog):
+    class Slow(asyncio.Protocol):
+        def __init__(self):
+            self.got = loop.create_future()
+
+        def data_received(self, data):
+            time.sleep(0.06)
+            self.got.set_result(data)
+
+    async def main():
+        transport, protocol, peer = await _socket_transport(loop, Slow)
+        peer.send(b"x")
+        data = await protocol.got
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+        return data
+
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.05
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        assert loop.run_until_complete(main()) == b"x"
+    assert any("took" in r.getMessage() for r in caplog.records)
