@@ -228,13 +228,13 @@ static TRANSPORT_SOCKET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SOCKET_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
-fn logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+pub(crate) fn logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     cached(py, &LOGGER, "asyncio.log", "logger")
 }
 
 /// Closes the transport's socket: through the socket object when there is one (so it
 /// knows it is closed), else the bare fd.
-fn close_fd(py: Python<'_>, sock: Option<Py<PyAny>>, fd: RawFd) -> PyResult<()> {
+pub(crate) fn close_fd(py: Python<'_>, sock: Option<Py<PyAny>>, fd: RawFd) -> PyResult<()> {
     match sock {
         Some(s) => s.bind(py).call_method0(intern!(py, "close")).map(drop),
         None if fd >= 0 => {
@@ -246,7 +246,7 @@ fn close_fd(py: Python<'_>, sock: Option<Py<PyAny>>, fd: RawFd) -> PyResult<()> 
     }
 }
 
-fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
+pub(crate) fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
     e.is_instance_of::<PySystemExit>(py) || e.is_instance_of::<PyKeyboardInterrupt>(py)
 }
 
@@ -255,12 +255,12 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 /// A contiguous view of any buffer-protocol object (`PyBUF_SIMPLE`), released on drop.
-struct RawBuffer {
+pub(crate) struct RawBuffer {
     view: Box<ffi::Py_buffer>,
 }
 
 impl RawBuffer {
-    fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+    pub(crate) fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
         // SAFETY: an all-zero Py_buffer is a valid out-parameter.
         let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
         let flags = if writable {
@@ -275,11 +275,11 @@ impl RawBuffer {
         Ok(Self { view })
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.view.len as usize
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         if self.len() == 0 {
             return &[];
         }
@@ -357,7 +357,7 @@ fn shutdown_write(fd: RawFd) -> io::Result<()> {
     }
 }
 
-fn cl<T>(py: Python<'_>, o: &Option<Py<T>>) -> Option<Py<T>> {
+pub(crate) fn cl<T>(py: Python<'_>, o: &Option<Py<T>>) -> Option<Py<T>> {
     o.as_ref().map(|x| x.clone_ref(py))
 }
 
