@@ -22,6 +22,7 @@ from asyncio.log import logger
 
 from ._ferroloop import LoopCore
 from ._sock import SockMixin
+from ._udp import DatagramMixin
 
 # How deep a coroutine's origin is recorded in debug mode (asyncio's own constant).
 _DEBUG_STACK_DEPTH = 10
@@ -41,7 +42,7 @@ def _sighandler_noop(signum, frame):
     """Installed for signals with loop handlers: the wake-up fd does the real work."""
 
 
-class Loop(SockMixin, LoopCore, asyncio.AbstractEventLoop):
+class Loop(SockMixin, DatagramMixin, LoopCore, asyncio.AbstractEventLoop):
     """An asyncio event loop whose scheduler, timers and reactor are written in Rust."""
 
     def __init__(self) -> None:
