@@ -658,6 +658,21 @@ impl LoopCore {
         crate::pipes::new_pipe_transport(slf, pipe, protocol, waiter, extra, true)
     }
 
+    /// A datagram transport over `sock` (the stdlib's `_SelectorDatagramTransport`
+    /// constructor, see `udp`); `address` is the connected `remote_addr`, if any.
+    #[pyo3(signature = (sock, protocol, address=None, waiter=None, extra=None))]
+    fn _make_datagram_transport<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        protocol: Bound<'py, PyAny>,
+        address: Option<Bound<'py, PyAny>>,
+        waiter: Option<Bound<'py, PyAny>>,
+        extra: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed()?;
+        crate::udp::new_datagram_transport(slf, sock, protocol, address, waiter, extra)
+    }
+
     /// Sets (a ferroloop transport) or clears (None) the owner of `fd`, as the stdlib's
     /// `loop._transports[fd]`: `loop.sendfile` lends a transport's socket to
     /// `sock_sendfile` this way.

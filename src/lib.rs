@@ -9,6 +9,8 @@
 //! - `pytype`: native classes deriving from asyncio's Python transport classes;
 //! - `stream`: TCP/Unix stream transports; `pipes`: read/write pipe transports;
 //!   `iobuf`: what they share (write buffer, flow control, syscalls);
+//! - `udp`: UDP/Unix datagram transports; `sockaddr`: socket addresses as the `socket`
+//!   module converts them;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
 //! - `dns`: the native thread pool behind `getaddrinfo`/`getnameinfo`;
 //! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
@@ -32,9 +34,11 @@ pub mod pytype;
 pub mod reactor;
 pub mod ready;
 pub mod signals;
+pub mod sockaddr;
 pub mod stream;
 pub mod sync;
 pub mod timers;
+pub mod udp;
 
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {

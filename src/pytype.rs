@@ -382,6 +382,21 @@ pub fn create_type<S: NativeState>(
     doc: &'static CStr,
     methods: &[MethodSpec],
 ) -> PyResult<Py<PyType>> {
+    create_type_with_bases::<S>(std::slice::from_ref(base), name, doc, methods)
+}
+
+/// [`create_type`] with several bases, e.g. `(Transport, DatagramTransport)`: they must
+/// share one instance lay-out (asyncio's transport classes add no slot below
+/// `BaseTransport`), which `PyType_FromSpecWithBases` checks.
+pub fn create_type_with_bases<S: NativeState>(
+    bases: &[Bound<'_, PyType>],
+    name: &'static CStr,
+    doc: &'static CStr,
+    methods: &[MethodSpec],
+) -> PyResult<Py<PyType>> {
+    let Some(base) = bases.first() else {
+        return Err(PyTypeError::new_err("a native class needs a base"));
+    };
     let py = base.py();
     if EXTRA_OFFSET.get().is_none() {
         let descr = py
@@ -398,8 +413,12 @@ pub fn create_type<S: NativeState>(
             unsafe { (*(*descr.as_ptr().cast::<ffi::PyMemberDescrObject>()).d_member).offset };
         let _ = EXTRA_OFFSET.set(off);
     }
-    // SAFETY: `base` is a type object.
-    let base_size = unsafe { (*base.as_ptr().cast::<ffi::PyTypeObject>()).tp_basicsize };
+    let base_size = bases
+        .iter()
+        // SAFETY: each base is a type object.
+        .map(|b| unsafe { (*b.as_ptr().cast::<ffi::PyTypeObject>()).tp_basicsize })
+        .max()
+        .unwrap_or(0);
     let basicsize = base_size + 3 * PTR;
 
     // The tables must outlive the class: leaked once per class (a handful per process).
@@ -442,7 +461,7 @@ pub fn create_type<S: NativeState>(
             | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION) as _,
         slots: slots.as_mut_ptr(),
     }));
-    let bases = PyTuple::new(py, [base])?;
+    let bases = PyTuple::new(py, bases)?;
     // SAFETY: the spec and its tables are valid and 'static; `bases` is a tuple of types.
     let ty = unsafe { ffi::PyType_FromSpecWithBases(spec, bases.as_ptr()) };
     if ty.is_null() {

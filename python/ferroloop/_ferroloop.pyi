@@ -104,6 +104,14 @@ class LoopCore:
         waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> asyncio.WriteTransport: ...
+    def _make_datagram_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        address: Any = None,
+        waiter: asyncio.Future[None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> asyncio.DatagramTransport: ...
     def _run_once(self) -> None: ...
     def _run_forever_core(self) -> None: ...
     @property

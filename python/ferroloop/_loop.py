@@ -24,6 +24,7 @@ from ._ferroloop import Handle, LoopCore
 from ._net import NetMixin
 from ._sock import SockMixin
 from ._subprocess import SubprocessMixin
+from ._udp import DatagramMixin
 
 # How deep a coroutine's origin is recorded in debug mode (asyncio's own constant).
 _DEBUG_STACK_DEPTH = 10
@@ -43,7 +44,9 @@ def _sighandler_noop(signum, frame):
     """Installed for signals with loop handlers: the wake-up fd does the real work."""
 
 
-class Loop(SockMixin, NetMixin, SubprocessMixin, LoopCore, asyncio.AbstractEventLoop):
+class Loop(
+    SockMixin, NetMixin, DatagramMixin, SubprocessMixin, LoopCore, asyncio.AbstractEventLoop
+):
     """An asyncio event loop whose scheduler, timers and reactor are written in Rust."""
 
     def __init__(self) -> None:
