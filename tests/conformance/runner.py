@@ -64,7 +64,7 @@ CORE_MODULES = [
     "test_waitfor",
     "test_threads",
 ]
-# Next milestone (transports, servers, TLS, subprocesses): may be mostly failing for now.
+# Transports, servers, TLS, subprocesses.
 NEXT_MODULES = [
     "test_streams",
     "test_server",
