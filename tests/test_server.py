@@ -161,9 +161,10 @@ def test_wait_closed_on_an_open_server_waits_for_close(loop):
     run(loop, main())
 
 
-def test_wait_closed_after_close_waits_for_the_last_connection(loop, impl):
-    stdlib_since(impl, (3, 12, 1), "a wait_closed() that waits for the connections")
-
+@pytest.mark.skipif(
+    sys.version_info < (3, 12, 1), reason="wait_closed() waits for connections from 3.12.1"
+)
+def test_wait_closed_after_close_waits_for_the_last_connection(loop):
     async def main():
         async with Session(TcpEndpoint()) as net:
             accepted = Accepting()
@@ -176,6 +177,23 @@ def test_wait_closed_after_close_waits_for_the_last_connection(loop, impl):
             assert not waiter.done()
             protocol.transport.close()
             await waiter
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12, 1), reason="wait_closed() waits for connections from 3.12.1"
+)
+def test_wait_closed_after_close_returns_at_once_before_3_12_1(loop):
+    async def main():
+        async with Session(TcpEndpoint()) as net:
+            accepted = Accepting()
+            server = await serve(net, accepted)
+            await connect_raw(net, address_of(server))
+            protocol = await accepted.next()
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 1)
+            protocol.transport.close()
 
     run(loop, main())
 

@@ -14,6 +14,7 @@ server, even with connections still open).
 
 from __future__ import annotations
 
+import sys
 import weakref
 from asyncio import events, exceptions, tasks, trsock
 
@@ -152,8 +153,14 @@ class Server(events.AbstractServer):
             self._serving_forever_fut = None
 
     async def wait_closed(self):
-        """Wait until the server is closed and every connection it accepted is gone."""
+        """Wait until the server is closed and every connection it accepted is gone.
+
+        Before 3.12.1 the stdlib returned at once from a closed server, connections or
+        not; code written against that would hang here, so the running version decides.
+        """
         if self._waiters is None:
+            return
+        if self._sockets is None and sys.version_info < (3, 12, 1):
             return
         waiter = self._loop.create_future()
         self._waiters.append(waiter)
