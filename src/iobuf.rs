@@ -6,11 +6,14 @@ use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyResourceWarning, PySystemExit, PyValueError};
+use pyo3::exceptions::{
+    PyKeyboardInterrupt, PyResourceWarning, PyRuntimeError, PySystemExit, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::LoopCore;
@@ -422,5 +425,79 @@ pub(crate) fn notify_flow(
             l.call_method1(intern!(py, "call_exception_handler"), (ctx,))
                 .map(drop)
         }
+    }
+}
+
+/// Locks a transport's state. All access happens on the loop thread with the
+/// interpreter attached, so a busy lock can only mean re-entry from a Python callback
+/// during an update: that becomes an error instead of a deadlock.
+pub(crate) fn lock_state<T>(m: &Mutex<T>) -> PyResult<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Ok(g),
+        Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+        Err(TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
+            "transport re-entered while it was updating its state",
+        )),
+    }
+}
+
+/// Queues `transport._call_connection_lost(exc)` for the next iteration.
+pub(crate) fn schedule_connection_lost(
+    obj: &Bound<'_, PyAny>,
+    l: &Bound<'_, LoopCore>,
+    exc: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = obj.py();
+    let cb = obj.getattr(intern!(py, "_call_connection_lost"))?;
+    LoopCore::soon(l, cb, PyTuple::new(py, [exc])?)
+}
+
+/// A transport's `_fatal_error` reporting: an expected OS error (`quiet`) is only
+/// logged in debug mode; anything else goes to the loop's exception handler with the
+/// transport and its protocol.
+pub(crate) fn report_fatal(
+    obj: &Bound<'_, PyAny>,
+    l: &Bound<'_, LoopCore>,
+    protocol: Option<Py<PyAny>>,
+    exc: &PyErr,
+    message: &str,
+    quiet: bool,
+) -> PyResult<()> {
+    let py = obj.py();
+    if quiet {
+        if l.get().debug_enabled() {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("exc_info", exc.value(py))?;
+            logger(py)?.call_method(
+                intern!(py, "debug"),
+                ("%r: %s", obj, message),
+                Some(&kwargs),
+            )?;
+        }
+        return Ok(());
+    }
+    let ctx = PyDict::new(py);
+    ctx.set_item("message", message)?;
+    ctx.set_item("exception", exc.value(py))?;
+    ctx.set_item("transport", obj)?;
+    ctx.set_item("protocol", protocol)?;
+    l.call_method1(intern!(py, "call_exception_handler"), (ctx,))
+        .map(drop)
+}
+
+/// `get_extra_info(name, default=None)` over a transport's extra dict.
+pub(crate) fn extra_info(
+    py: Python<'_>,
+    extra: Option<Py<PyDict>>,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    let [name, default] = args.parse("get_extra_info", ["name", "default"], 1)?;
+    let default = default.map_or_else(|| none(py), Bound::unbind);
+    match extra {
+        Some(d) => Ok(d
+            .bind(py)
+            .get_item(name.expect("required"))?
+            .map_or(default, Bound::unbind)),
+        None => Ok(default),
     }
 }

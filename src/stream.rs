@@ -16,7 +16,7 @@
 use std::ffi::c_int;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
@@ -27,8 +27,9 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, logger, none, notify_flow, py_bool, read_bytes, read_into,
-    warn_unclosed, would_block, write_vectored, FlowControl, RawBuffer, WriteBuffer,
+    cl, close_fd, extra_info, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes,
+    read_into, report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
+    FlowControl, RawBuffer, WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -76,13 +77,7 @@ impl Drop for Stream {
 
 impl Stream {
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
-        match self.inner.try_lock() {
-            Ok(g) => Ok(g),
-            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
-            Err(TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
-                "transport re-entered while it was updating its state",
-            )),
-        }
+        lock_state(&self.inner)
     }
 }
 
@@ -478,25 +473,8 @@ fn fatal_error(obj: &Bound<'_, PyAny>, st: &Stream, exc: PyErr, message: &str) -
         (cl(py, &g.loop_), cl(py, &g.protocol))
     };
     if let Some(l) = l {
-        let l = l.bind(py);
-        if exc.is_instance_of::<PyOSError>(py) {
-            if l.get().debug_enabled() {
-                let kwargs = PyDict::new(py);
-                kwargs.set_item("exc_info", exc.value(py))?;
-                logger(py)?.call_method(
-                    intern!(py, "debug"),
-                    ("%r: %s", obj, message),
-                    Some(&kwargs),
-                )?;
-            }
-        } else {
-            let ctx = PyDict::new(py);
-            ctx.set_item("message", message)?;
-            ctx.set_item("exception", exc.value(py))?;
-            ctx.set_item("transport", obj)?;
-            ctx.set_item("protocol", protocol)?;
-            l.call_method1(intern!(py, "call_exception_handler"), (ctx,))?;
-        }
+        let quiet = exc.is_instance_of::<PyOSError>(py);
+        report_fatal(obj, l.bind(py), protocol, &exc, message, quiet)?;
     }
     force_close(obj, st, exc.into_value(py).into_bound(py).into_any())
 }
@@ -516,16 +494,6 @@ fn force_close(obj: &Bound<'_, PyAny>, st: &Stream, exc: Bound<'_, PyAny>) -> Py
     };
     drop(dropped);
     schedule_connection_lost(obj, &l, exc)
-}
-
-fn schedule_connection_lost(
-    obj: &Bound<'_, PyAny>,
-    l: &Bound<'_, LoopCore>,
-    exc: Bound<'_, PyAny>,
-) -> PyResult<()> {
-    let py = obj.py();
-    let cb = obj.getattr(intern!(py, "_call_connection_lost"))?;
-    LoopCore::soon(l, cb, PyTuple::new(py, [exc])?)
 }
 
 fn close(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
@@ -852,17 +820,8 @@ fn m_get_extra_info(
     st: &Stream,
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
-    let [name, default] = args.parse("get_extra_info", ["name", "default"], 1)?;
-    let py = obj.py();
-    let extra = cl(py, &st.lock()?.extra);
-    let default = default.map_or_else(|| none(py), Bound::unbind);
-    match extra {
-        Some(d) => Ok(d
-            .bind(py)
-            .get_item(name.expect("required"))?
-            .map_or(default, Bound::unbind)),
-        None => Ok(default),
-    }
+    let extra = cl(obj.py(), &st.lock()?.extra);
+    extra_info(obj.py(), extra, args)
 }
 
 fn m_set_write_buffer_limits(

@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{
     PyBlockingIOError, PyInterruptedError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
@@ -35,11 +35,14 @@ use pyo3::exceptions::{
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
-use crate::iobuf::{cl, close_fd, is_exit, logger, RawBuffer};
+use crate::iobuf::{
+    cl, close_fd, extra_info, is_exit, lock_state, logger, none, notify_flow, py_bool,
+    report_fatal, schedule_connection_lost, FlowControl, RawBuffer,
+};
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 use crate::sockaddr::SockAddr;
@@ -47,8 +50,6 @@ use crate::sockaddr::SockAddr;
 /// Bytes asked of one `recvfrom` (the stdlib's `max_size`); longer datagrams are
 /// truncated, as with `sock.recvfrom(max_size)`.
 const MAX_READ: usize = 256 * 1024;
-/// Default high-water mark of the write buffer (the stdlib's).
-const DEFAULT_HIGH_WATER: i64 = 64 * 1024;
 /// After this many `sendto` calls on a lost endpoint, each one logs a warning.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 const READ_ERROR: &str = "Fatal read error on datagram transport";
@@ -94,9 +95,7 @@ struct Inner {
     buffer: VecDeque<Datagram>,
     /// Payload bytes in `buffer`.
     buffer_size: usize,
-    high_water: i64,
-    low_water: i64,
-    protocol_paused: bool,
+    flow: FlowControl,
     closing: bool,
     conn_lost: u32,
     paused: bool,
@@ -123,13 +122,7 @@ impl Drop for Dgram {
 
 impl Dgram {
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
-        match self.inner.try_lock() {
-            Ok(g) => Ok(g),
-            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
-            Err(TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
-                "transport re-entered while it was updating its state",
-            )),
-        }
+        lock_state(&self.inner)
     }
 }
 
@@ -232,14 +225,6 @@ static WARN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SET_RESULT_UNLESS_CANCELLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static TRANSPORT_SOCKET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static DATAGRAM_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-fn none(py: Python<'_>) -> Py<PyAny> {
-    py.None()
-}
-
-fn py_bool(py: Python<'_>, v: bool) -> Py<PyAny> {
-    PyBool::new(py, v).to_owned().into_any().unbind()
-}
 
 impl Inner {
     fn loop_ref<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, LoopCore>> {
@@ -562,55 +547,28 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
 
 fn maybe_pause_protocol(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
     let py = obj.py();
-    let protocol = {
+    let (l, protocol) = {
         let mut g = st.lock()?;
-        if g.buffer_size as i64 <= g.high_water || g.protocol_paused {
+        let size = g.buffer_size;
+        if !g.flow.pause_needed(size) {
             return Ok(());
         }
-        g.protocol_paused = true;
-        g.protocol(py)?
+        (g.loop_ref(py)?, g.protocol(py)?)
     };
-    if let Err(e) = protocol.call_method0(intern!(py, "pause_writing")) {
-        flow_control_failed(obj, st, &protocol, e, "protocol.pause_writing() failed")?;
-    }
-    Ok(())
+    notify_flow(obj, &l, &protocol, true)
 }
 
 fn maybe_resume_protocol(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
     let py = obj.py();
-    let protocol = {
+    let (l, protocol) = {
         let mut g = st.lock()?;
-        if !(g.protocol_paused && g.buffer_size as i64 <= g.low_water) {
+        let size = g.buffer_size;
+        if !g.flow.resume_needed(size) {
             return Ok(());
         }
-        g.protocol_paused = false;
-        g.protocol(py)?
+        (g.loop_ref(py)?, g.protocol(py)?)
     };
-    if let Err(e) = protocol.call_method0(intern!(py, "resume_writing")) {
-        flow_control_failed(obj, st, &protocol, e, "protocol.resume_writing() failed")?;
-    }
-    Ok(())
-}
-
-fn flow_control_failed(
-    obj: &Bound<'_, PyAny>,
-    st: &Dgram,
-    protocol: &Bound<'_, PyAny>,
-    e: PyErr,
-    message: &str,
-) -> PyResult<()> {
-    let py = obj.py();
-    if is_exit(py, &e) {
-        return Err(e);
-    }
-    let l = st.lock()?.loop_ref(py)?;
-    let ctx = PyDict::new(py);
-    ctx.set_item("message", message)?;
-    ctx.set_item("exception", e)?;
-    ctx.set_item("transport", obj)?;
-    ctx.set_item("protocol", protocol)?;
-    l.call_method1(intern!(py, "call_exception_handler"), (ctx,))?;
-    Ok(())
+    notify_flow(obj, &l, &protocol, false)
 }
 
 /// The stdlib's `_fatal_error`: OSErrors are only logged in debug mode; anything else
@@ -622,25 +580,8 @@ fn fatal_error(obj: &Bound<'_, PyAny>, st: &Dgram, exc: PyErr, message: &str) ->
         (cl(py, &g.loop_), cl(py, &g.protocol))
     };
     if let Some(l) = l {
-        let l = l.bind(py);
-        if exc.is_instance_of::<PyOSError>(py) {
-            if l.get().debug_enabled() {
-                let kwargs = PyDict::new(py);
-                kwargs.set_item("exc_info", exc.value(py))?;
-                logger(py)?.call_method(
-                    intern!(py, "debug"),
-                    ("%r: %s", obj, message),
-                    Some(&kwargs),
-                )?;
-            }
-        } else {
-            let ctx = PyDict::new(py);
-            ctx.set_item("message", message)?;
-            ctx.set_item("exception", exc.value(py))?;
-            ctx.set_item("transport", obj)?;
-            ctx.set_item("protocol", protocol)?;
-            l.call_method1(intern!(py, "call_exception_handler"), (ctx,))?;
-        }
+        let quiet = exc.is_instance_of::<PyOSError>(py);
+        report_fatal(obj, l.bind(py), protocol, &exc, message, quiet)?;
     }
     force_close(obj, st, exc.into_value(py).into_bound(py).into_any())
 }
@@ -661,16 +602,6 @@ fn force_close(obj: &Bound<'_, PyAny>, st: &Dgram, exc: Bound<'_, PyAny>) -> PyR
     };
     drop(dropped);
     schedule_connection_lost(obj, &l, exc)
-}
-
-fn schedule_connection_lost(
-    obj: &Bound<'_, PyAny>,
-    l: &Bound<'_, LoopCore>,
-    exc: Bound<'_, PyAny>,
-) -> PyResult<()> {
-    let py = obj.py();
-    let cb = obj.getattr(intern!(py, "_call_connection_lost"))?;
-    LoopCore::soon(l, cb, PyTuple::new(py, [exc])?)
 }
 
 fn close(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
@@ -922,17 +853,8 @@ fn m_get_extra_info(
     st: &Dgram,
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
-    let [name, default] = args.parse("get_extra_info", ["name", "default"], 1)?;
-    let py = obj.py();
-    let extra = cl(py, &st.lock()?.extra);
-    let default = default.map_or_else(|| none(py), Bound::unbind);
-    match extra {
-        Some(d) => Ok(d
-            .bind(py)
-            .get_item(name.expect("required"))?
-            .map_or(default, Bound::unbind)),
-        None => Ok(default),
-    }
+    let extra = cl(obj.py(), &st.lock()?.extra);
+    extra_info(obj.py(), extra, args)
 }
 
 fn m_set_write_buffer_limits(
@@ -940,30 +862,7 @@ fn m_set_write_buffer_limits(
     st: &Dgram,
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
-    let [high, low] = args.parse("set_write_buffer_limits", ["high", "low"], 0)?;
-    let high: Option<i64> = high
-        .filter(|h| !h.is_none())
-        .map(|h| h.extract())
-        .transpose()?;
-    let low: Option<i64> = low
-        .filter(|l| !l.is_none())
-        .map(|l| l.extract())
-        .transpose()?;
-    let high = high.unwrap_or(match low {
-        None => DEFAULT_HIGH_WATER,
-        Some(l) => 4 * l,
-    });
-    let low = low.unwrap_or(high.div_euclid(4));
-    if !(high >= low && low >= 0) {
-        return Err(PyValueError::new_err(format!(
-            "high ({high}) must be >= low ({low}) must be >= 0"
-        )));
-    }
-    {
-        let mut g = st.lock()?;
-        g.high_water = high;
-        g.low_water = low;
-    }
+    st.lock()?.flow.set_limits(args)?;
     maybe_pause_protocol(obj, st)?;
     Ok(none(obj.py()))
 }
@@ -974,11 +873,8 @@ fn m_get_write_buffer_limits(
     args: &Args<'_, '_>,
 ) -> PyResult<Py<PyAny>> {
     args.none("get_write_buffer_limits")?;
-    let g = st.lock()?;
-    Ok((g.low_water, g.high_water)
-        .into_pyobject(obj.py())?
-        .into_any()
-        .unbind())
+    let limits = st.lock()?.flow.limits();
+    Ok(limits.into_pyobject(obj.py())?.into_any().unbind())
 }
 
 fn m_get_write_buffer_size(
@@ -1172,9 +1068,7 @@ pub fn new_datagram_transport<'py>(
             extra: Some(extra_dict.unbind()),
             buffer: VecDeque::new(),
             buffer_size: 0,
-            high_water: DEFAULT_HIGH_WATER,
-            low_water: DEFAULT_HIGH_WATER / 4,
-            protocol_paused: false,
+            flow: FlowControl::default(),
             closing: false,
             conn_lost: 0,
             paused: false,
