@@ -17,6 +17,10 @@ Fixtures
     closed, the current event loop is set to None, and the test fails if the exception
     handler was called -- unless the test opted out with the ``expect_loop_errors`` fixture
     (which returns the list of recorded contexts) or the ``loop_errors_expected`` marker.
+``tls_files`` / ``tls_contexts``
+    A throwaway self-signed certificate for localhost and 127.0.0.1 (``(cert, key)``
+    paths, made with ``cryptography`` if installed, else the ``openssl`` command, else the
+    test is skipped), and ``(server, client)`` SSL contexts where the client trusts it.
 ``loop_factory_code``
     Python source that defines ``new_loop`` (the loop factory) in a child process.
 
@@ -32,7 +36,12 @@ Markers
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
+import ipaddress
+import shutil
+import ssl
+import subprocess
 
 import pytest
 
@@ -205,3 +214,81 @@ def ferroloop_module():
     if ferroloop is None:
         pytest.skip(FERROLOOP_SKIP_REASON)
     return ferroloop
+
+
+# -- TLS: a throwaway certificate for the tests that need one ---------------------------
+
+TLS_HOST = "127.0.0.1"
+
+
+def _self_signed_with_cryptography(cert_path, key_path) -> bool:
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return False
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(TLS_HOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return True
+
+
+def _self_signed_with_openssl(cert_path, key_path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the cryptography package or the openssl command for a certificate")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key_path), "-out", str(cert_path), "-days", "2"]
+        + ["-subj", "/CN=localhost", "-addext", f"subjectAltName=DNS:localhost,IP:{TLS_HOST}"],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A throwaway self-signed certificate for localhost and 127.0.0.1: (cert, key)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if not _self_signed_with_cryptography(cert, key):
+        _self_signed_with_openssl(cert, key)
+    return cert, key
+
+
+@pytest.fixture
+def tls_contexts(tls_files):
+    """(server, client) SSL contexts; the client trusts only the test certificate."""
+    cert, key = tls_files
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(cert)
+    return server, client

@@ -19,10 +19,8 @@ import gc
 import io
 import os
 import re
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import traceback
 import warnings
@@ -958,35 +956,6 @@ def test_sendfile_refuses_a_closing_transport(loop, data_path):
 
 
 # --------------------------------------------------------------------------- TLS
-
-
-@pytest.fixture(scope="session")
-def tls_files(tmp_path_factory):
-    """A throwaway self-signed certificate for localhost and 127.0.0.1: (cert, key)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-@pytest.fixture
-def tls_contexts(tls_files):
-    """(server, client) SSL contexts; the client trusts the server's certificate."""
-    cert, key = tls_files
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(cert)
-    return server, client
 
 
 async def echo_one_line(reader, writer):
