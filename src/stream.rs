@@ -345,16 +345,11 @@ fn read_into_protocol_buffer(
 
 fn on_eof(obj: &Bound<'_, PyAny>, st: &Stream, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = obj.py();
-    if is_debug(obj, st) {
+    if is_debug(st) {
         logger(py)?.call_method1(intern!(py, "debug"), ("%r received EOF", obj))?;
     }
     const FAILED: &str = "Fatal error: protocol.eof_received() call failed.";
-    let r = protocol
-        .call_method0(intern!(py, "eof_received"))
-        .and_then(|v| {
-            v.is_truthy()
-                .map(|t| pyo3::types::PyBool::new(py, t).to_owned().into_any())
-        });
+    let r = protocol.call_method0(intern!(py, "eof_received"));
     let Some(keep_open) = protocol_call(obj, st, r, FAILED)? else {
         return Ok(());
     };
@@ -368,8 +363,7 @@ fn on_eof(obj: &Bound<'_, PyAny>, st: &Stream, protocol: &Bound<'_, PyAny>) -> P
     }
 }
 
-fn is_debug(obj: &Bound<'_, PyAny>, st: &Stream) -> bool {
-    let _ = obj;
+fn is_debug(st: &Stream) -> bool {
     st.lock()
         .ok()
         .and_then(|g| g.loop_.as_ref().map(|l| l.get().debug_enabled()))
@@ -747,7 +741,7 @@ fn m_pause_reading(
         let write = g.want_write;
         g.set_interest(obj, false, write)?;
     }
-    if is_debug(obj, st) {
+    if is_debug(st) {
         logger(py)?.call_method1(intern!(py, "debug"), ("%r pauses reading", obj))?;
     }
     Ok(none(py))
@@ -769,7 +763,7 @@ fn m_resume_reading(
         let write = g.want_write;
         g.set_interest(obj, true, write)?;
     }
-    if is_debug(obj, st) {
+    if is_debug(st) {
         logger(py)?.call_method1(intern!(py, "debug"), ("%r resumes reading", obj))?;
     }
     Ok(none(py))
