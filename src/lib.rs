@@ -8,7 +8,8 @@
 //! - `reactor`: the epoll multiplexer behind `add_reader`/`add_writer`;
 //! - `pytype`: native classes deriving from asyncio's Python transport classes;
 //! - `stream`: TCP/Unix stream transports; `pipes`: read/write pipe transports;
-//!   `iobuf`: what they share (write buffer, flow control, syscalls);
+//!   `iobuf` and `transport`: what they share (write buffer, flow control, syscalls; the
+//!   common state and the methods that only touch it);
 //! - `udp`: UDP/Unix datagram transports; `sockaddr`: socket addresses as the `socket`
 //!   module converts them;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
@@ -38,6 +39,7 @@ pub mod sockaddr;
 pub mod stream;
 pub mod sync;
 pub mod timers;
+pub mod transport;
 pub mod udp;
 
 #[pymodule]

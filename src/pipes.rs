@@ -15,7 +15,7 @@ use std::ffi::c_int;
 use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard};
 
-use pyo3::exceptions::{PyBrokenPipeError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyBrokenPipeError, PyOSError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -24,38 +24,30 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, extra_info, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes,
+    cl, close_fd, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes,
     report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
     FlowControl, RawBuffer, WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 use crate::stream::check_data;
+use crate::transport::{self, Base, Transport};
 
 /// After this many writes to a closed pipe, each one logs a warning.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 
-struct Inner {
+pub(crate) struct Inner {
+    base: Base,
     /// True for a write pipe.
     writer: bool,
-    fd: RawFd,
-    /// The fd number for `repr`.
-    fileno: RawFd,
-    owner: usize,
-    loop_: Option<Py<LoopCore>>,
     pipe: Option<Py<PyAny>>,
-    protocol: Option<Py<PyAny>>,
-    extra: Option<Py<PyDict>>,
     wbuf: WriteBuffer,
     flow: FlowControl,
-    closing: bool,
     /// `_call_connection_lost` is scheduled or done.
     lost_scheduled: bool,
-    conn_lost: u32,
-    paused: bool,
-    want_read: bool,
-    want_write: bool,
 }
+
+crate::deref_base!(Inner);
 
 /// The Rust state of a pipe transport object.
 pub struct Pipe {
@@ -71,31 +63,10 @@ impl Drop for Pipe {
     }
 }
 
-impl Pipe {
+impl Transport for Pipe {
+    type Inner = Inner;
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         lock_state(&self.inner)
-    }
-}
-
-impl Inner {
-    fn set_interest(&mut self, obj: &Bound<'_, PyAny>, read: bool, write: bool) -> PyResult<()> {
-        if (read, write) == (self.want_read, self.want_write) || self.fd < 0 {
-            return Ok(());
-        }
-        if let Some(l) = &self.loop_ {
-            l.get()
-                .set_native_interest(self.fd, obj, dispatch, read, write)?;
-        }
-        self.want_read = read;
-        self.want_write = write;
-        Ok(())
-    }
-
-    fn loop_ref<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, LoopCore>> {
-        self.loop_
-            .as_ref()
-            .map(|l| l.bind(py).clone())
-            .ok_or_else(|| PyRuntimeError::new_err("transport is closed"))
     }
 }
 
@@ -548,66 +519,6 @@ fn m_call_connection_lost(
     Ok(none(obj.py()))
 }
 
-fn m_is_closing(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("is_closing")?;
-    let closing = st.lock()?.closing;
-    Ok(py_bool(obj.py(), closing))
-}
-
-fn m_is_reading(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("is_reading")?;
-    let g = st.lock()?;
-    Ok(py_bool(obj.py(), !g.paused && !g.closing))
-}
-
-fn m_pause_reading(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("pause_reading")?;
-    let py = obj.py();
-    let debug = {
-        let mut g = st.lock()?;
-        if g.paused || g.closing {
-            return Ok(none(py));
-        }
-        g.paused = true;
-        let write = g.want_write;
-        g.set_interest(obj, false, write)?;
-        g.loop_ref(py)?.get().debug_enabled()
-    };
-    if debug {
-        logger(py)?.call_method1(intern!(py, "debug"), ("%r pauses reading", obj))?;
-    }
-    Ok(none(py))
-}
-
-fn m_resume_reading(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("resume_reading")?;
-    let py = obj.py();
-    let debug = {
-        let mut g = st.lock()?;
-        if g.closing || !g.paused {
-            return Ok(none(py));
-        }
-        g.paused = false;
-        let write = g.want_write;
-        g.set_interest(obj, true, write)?;
-        g.loop_ref(py)?.get().debug_enabled()
-    };
-    if debug {
-        logger(py)?.call_method1(intern!(py, "debug"), ("%r resumes reading", obj))?;
-    }
-    Ok(none(py))
-}
-
-fn m_start_reading(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("_start_reading")?;
-    let mut g = st.lock()?;
-    if !g.closing && !g.paused {
-        let write = g.want_write;
-        g.set_interest(obj, true, write)?;
-    }
-    Ok(none(obj.py()))
-}
-
 fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let old = st
@@ -616,16 +527,6 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyR
         .replace(protocol.expect("required").unbind());
     drop(old);
     Ok(none(obj.py()))
-}
-
-fn m_get_protocol(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("get_protocol")?;
-    Ok(cl(obj.py(), &st.lock()?.protocol).unwrap_or_else(|| none(obj.py())))
-}
-
-fn m_get_extra_info(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    let extra = cl(obj.py(), &st.lock()?.extra);
-    extra_info(obj.py(), extra, args)
 }
 
 fn m_set_write_buffer_limits(
@@ -665,14 +566,14 @@ crate::native_method!(c_write_eof, Pipe, m_write_eof);
 crate::native_method!(c_close, Pipe, m_close);
 crate::native_method!(c_abort, Pipe, m_abort);
 crate::native_method!(c_call_connection_lost, Pipe, m_call_connection_lost);
-crate::native_method!(c_is_closing, Pipe, m_is_closing);
-crate::native_method!(c_is_reading, Pipe, m_is_reading);
-crate::native_method!(c_pause_reading, Pipe, m_pause_reading);
-crate::native_method!(c_resume_reading, Pipe, m_resume_reading);
-crate::native_method!(c_start_reading, Pipe, m_start_reading);
+crate::native_method!(c_is_closing, Pipe, transport::m_is_closing::<Pipe>);
+crate::native_method!(c_is_reading, Pipe, transport::m_is_reading::<Pipe>);
+crate::native_method!(c_pause_reading, Pipe, transport::m_pause_reading::<Pipe>);
+crate::native_method!(c_resume_reading, Pipe, transport::m_resume_reading::<Pipe>);
+crate::native_method!(c_start_reading, Pipe, transport::m_start_reading::<Pipe>);
 crate::native_method!(c_set_protocol, Pipe, m_set_protocol);
-crate::native_method!(c_get_protocol, Pipe, m_get_protocol);
-crate::native_method!(c_get_extra_info, Pipe, m_get_extra_info);
+crate::native_method!(c_get_protocol, Pipe, transport::m_get_protocol::<Pipe>);
+crate::native_method!(c_get_extra_info, Pipe, transport::m_get_extra_info::<Pipe>);
 crate::native_method!(c_set_write_buffer_limits, Pipe, m_set_write_buffer_limits);
 crate::native_method!(c_get_write_buffer_limits, Pipe, m_get_write_buffer_limits);
 crate::native_method!(c_get_write_buffer_size, Pipe, m_get_write_buffer_size);
@@ -854,22 +755,12 @@ pub fn new_pipe_transport<'py>(
     extra_dict.set_item("pipe", &pipe)?;
     let state = Pipe {
         inner: Mutex::new(Inner {
+            base: Base::new(fd, dispatch, l, &protocol, extra_dict),
             writer,
-            fd,
-            fileno: fd,
-            owner: 0,
-            loop_: Some(l.clone().unbind()),
             pipe: Some(pipe.unbind()),
-            protocol: Some(protocol.clone().unbind()),
-            extra: Some(extra_dict.unbind()),
             wbuf: WriteBuffer::default(),
             flow: FlowControl::default(),
-            closing: false,
             lost_scheduled: false,
-            conn_lost: 0,
-            paused: false,
-            want_read: false,
-            want_write: false,
         }),
     };
     let obj = pytype::new_instance(pipe_type(py, writer)?, state)?;

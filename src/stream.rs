@@ -27,39 +27,29 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, extra_info, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes,
-    read_into, report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
+    cl, close_fd, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes, read_into,
+    report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
     FlowControl, RawBuffer, WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
+use crate::transport::{self, Base, Transport};
 
 /// After this many writes to a lost connection, each one logs a warning.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
-struct Inner {
-    /// The socket's fd; -1 once closed.
-    fd: RawFd,
-    /// The fd number for `repr` (kept after close, as the stdlib does).
-    sock_fd: RawFd,
-    /// Address of the Python object, the key of the loop's fd-owner table.
-    owner: usize,
-    loop_: Option<Py<LoopCore>>,
+pub(crate) struct Inner {
+    base: Base,
     sock: Option<Py<PyAny>>,
-    protocol: Option<Py<PyAny>>,
     buffered_protocol: bool,
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
-    extra: Option<Py<PyDict>>,
     wbuf: WriteBuffer,
     flow: FlowControl,
-    closing: bool,
     eof: bool,
-    conn_lost: u32,
-    paused: bool,
-    want_read: bool,
-    want_write: bool,
     empty_waiter: Option<Py<PyAny>>,
 }
+
+crate::deref_base!(Inner);
 
 /// The Rust state of a stream transport object.
 pub struct Stream {
@@ -70,12 +60,13 @@ impl Drop for Stream {
     fn drop(&mut self) {
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = &inner.loop_ {
-            l.get().release_fd(inner.sock_fd, inner.owner);
+            l.get().release_fd(inner.fileno, inner.owner);
         }
     }
 }
 
-impl Stream {
+impl Transport for Stream {
+    type Inner = Inner;
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         lock_state(&self.inner)
     }
@@ -147,7 +138,7 @@ impl NativeState for Stream {
         } else if g.closing {
             info.push("closing".into());
         }
-        info.push(format!("fd={}", g.sock_fd));
+        info.push(format!("fd={}", g.fileno));
         if g.fd >= 0 && g.loop_.as_ref().is_some_and(|l| !l.get().closed_flag()) {
             info.push(
                 if g.want_read {
@@ -175,37 +166,6 @@ fn shutdown_write(fd: RawFd) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
-    }
-}
-
-impl Inner {
-    fn loop_ref<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, LoopCore>> {
-        self.loop_
-            .as_ref()
-            .map(|l| l.bind(py).clone())
-            .ok_or_else(|| PyRuntimeError::new_err("transport is closed"))
-    }
-
-    /// Brings the reactor registration in line with `want_read`/`want_write`.
-    fn set_interest(&mut self, obj: &Bound<'_, PyAny>, read: bool, write: bool) -> PyResult<()> {
-        if (read, write) == (self.want_read, self.want_write) || self.fd < 0 {
-            return Ok(());
-        }
-        let Some(l) = &self.loop_ else {
-            return Ok(());
-        };
-        l.get()
-            .set_native_interest(self.fd, obj, dispatch, read, write)?;
-        self.want_read = read;
-        self.want_write = write;
-        Ok(())
-    }
-
-    fn protocol<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.protocol
-            .as_ref()
-            .map(|p| p.bind(py).clone())
-            .ok_or_else(|| PyRuntimeError::new_err("transport has no protocol"))
     }
 }
 
@@ -712,78 +672,6 @@ fn m_call_connection_lost(
     Ok(none(obj.py()))
 }
 
-fn m_is_closing(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("is_closing")?;
-    let closing = st.lock()?.closing;
-    Ok(py_bool(obj.py(), closing))
-}
-
-fn m_is_reading(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("is_reading")?;
-    let g = st.lock()?;
-    let reading = !g.paused && !g.closing;
-    Ok(py_bool(obj.py(), reading))
-}
-
-fn m_pause_reading(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("pause_reading")?;
-    let py = obj.py();
-    {
-        let mut g = st.lock()?;
-        if g.closing || g.paused {
-            return Ok(none(py));
-        }
-        g.paused = true;
-        let write = g.want_write;
-        g.set_interest(obj, false, write)?;
-    }
-    if is_debug(st) {
-        logger(py)?.call_method1(intern!(py, "debug"), ("%r pauses reading", obj))?;
-    }
-    Ok(none(py))
-}
-
-fn m_resume_reading(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("resume_reading")?;
-    let py = obj.py();
-    {
-        let mut g = st.lock()?;
-        if g.closing || !g.paused {
-            return Ok(none(py));
-        }
-        g.paused = false;
-        let write = g.want_write;
-        g.set_interest(obj, true, write)?;
-    }
-    if is_debug(st) {
-        logger(py)?.call_method1(intern!(py, "debug"), ("%r resumes reading", obj))?;
-    }
-    Ok(none(py))
-}
-
-/// Starts reading once `connection_made` has run (scheduled by the constructor).
-fn m_start_reading(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("_start_reading")?;
-    let mut g = st.lock()?;
-    if !g.closing && !g.paused {
-        let write = g.want_write;
-        g.set_interest(obj, true, write)?;
-    }
-    Ok(none(obj.py()))
-}
-
 fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let protocol = protocol.expect("required");
@@ -802,20 +690,6 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> P
     };
     drop(old);
     Ok(none(py))
-}
-
-fn m_get_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("get_protocol")?;
-    Ok(cl(obj.py(), &st.lock()?.protocol).unwrap_or_else(|| none(obj.py())))
-}
-
-fn m_get_extra_info(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    let extra = cl(obj.py(), &st.lock()?.extra);
-    extra_info(obj.py(), extra, args)
 }
 
 fn m_set_write_buffer_limits(
@@ -899,14 +773,30 @@ crate::native_method!(c_close, Stream, m_close);
 crate::native_method!(c_abort, Stream, m_abort);
 crate::native_method!(c_force_close, Stream, m_force_close);
 crate::native_method!(c_call_connection_lost, Stream, m_call_connection_lost);
-crate::native_method!(c_is_closing, Stream, m_is_closing);
-crate::native_method!(c_is_reading, Stream, m_is_reading);
-crate::native_method!(c_pause_reading, Stream, m_pause_reading);
-crate::native_method!(c_resume_reading, Stream, m_resume_reading);
-crate::native_method!(c_start_reading, Stream, m_start_reading);
+crate::native_method!(c_is_closing, Stream, transport::m_is_closing::<Stream>);
+crate::native_method!(c_is_reading, Stream, transport::m_is_reading::<Stream>);
+crate::native_method!(
+    c_pause_reading,
+    Stream,
+    transport::m_pause_reading::<Stream>
+);
+crate::native_method!(
+    c_resume_reading,
+    Stream,
+    transport::m_resume_reading::<Stream>
+);
+crate::native_method!(
+    c_start_reading,
+    Stream,
+    transport::m_start_reading::<Stream>
+);
 crate::native_method!(c_set_protocol, Stream, m_set_protocol);
-crate::native_method!(c_get_protocol, Stream, m_get_protocol);
-crate::native_method!(c_get_extra_info, Stream, m_get_extra_info);
+crate::native_method!(c_get_protocol, Stream, transport::m_get_protocol::<Stream>);
+crate::native_method!(
+    c_get_extra_info,
+    Stream,
+    transport::m_get_extra_info::<Stream>
+);
 crate::native_method!(c_set_write_buffer_limits, Stream, m_set_write_buffer_limits);
 crate::native_method!(c_get_write_buffer_limits, Stream, m_get_write_buffer_limits);
 crate::native_method!(c_get_write_buffer_size, Stream, m_get_write_buffer_size);
@@ -1138,24 +1028,14 @@ pub fn new_socket_transport<'py>(
     )?)?;
     let state = Stream {
         inner: Mutex::new(Inner {
-            fd,
-            sock_fd: fd,
-            owner: 0,
-            loop_: Some(l.clone().unbind()),
+            base: Base::new(fd, dispatch, l, &protocol, extra_dict),
             sock: Some(sock.unbind()),
-            protocol: Some(protocol.clone().unbind()),
             buffered_protocol: buffered,
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
-            extra: Some(extra_dict.unbind()),
             wbuf: WriteBuffer::default(),
             flow: FlowControl::default(),
-            closing: false,
             eof: false,
-            conn_lost: 0,
-            paused: false,
-            want_read: false,
-            want_write: false,
             empty_waiter: None,
         }),
     };

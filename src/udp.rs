@@ -30,7 +30,7 @@ use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{
-    PyBlockingIOError, PyInterruptedError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
+    PyBlockingIOError, PyInterruptedError, PyOSError, PyTypeError, PyValueError,
 };
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -40,12 +40,13 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, extra_info, is_exit, lock_state, logger, none, notify_flow, py_bool,
-    report_fatal, schedule_connection_lost, FlowControl, RawBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, notify_flow, report_fatal,
+    schedule_connection_lost, FlowControl, RawBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 use crate::sockaddr::SockAddr;
+use crate::transport::{self, Base, Transport};
 
 /// Bytes asked of one `recvfrom` (the stdlib's `max_size`); longer datagrams are
 /// truncated, as with `sock.recvfrom(max_size)`.
@@ -68,13 +69,8 @@ struct Datagram {
     addr: Py<PyAny>,
 }
 
-struct Inner {
-    /// The socket's fd; -1 once closed.
-    fd: RawFd,
-    /// The fd number for `repr` (kept after close, as the stdlib does).
-    sock_fd: RawFd,
-    /// Address of the Python object, the key of the loop's fd-owner table.
-    owner: usize,
+pub(crate) struct Inner {
+    base: Base,
     /// The socket's address family, for converting destinations.
     family: i32,
     /// Whether received addresses are converted here (AF_INET, AF_INET6, AF_UNIX) or the
@@ -87,24 +83,18 @@ struct Inner {
     address: Option<Py<PyAny>>,
     /// Python 3.12+ sends empty datagrams; 3.11 ignores them.
     send_empty: bool,
-    loop_: Option<Py<LoopCore>>,
     sock: Option<Py<PyAny>>,
-    protocol: Option<Py<PyAny>>,
     protocol_connected: bool,
-    extra: Option<Py<PyDict>>,
     buffer: VecDeque<Datagram>,
     /// Payload bytes in `buffer`.
     buffer_size: usize,
     flow: FlowControl,
-    closing: bool,
-    conn_lost: u32,
-    paused: bool,
-    want_read: bool,
-    want_write: bool,
     /// The last sender and its Python address: a peer that keeps talking gets the same
     /// (immutable) address object instead of a new one per datagram.
     last_peer: Option<(SockAddr, Py<PyAny>)>,
 }
+
+crate::deref_base!(Inner);
 
 /// The Rust state of a datagram transport object.
 pub struct Dgram {
@@ -115,12 +105,13 @@ impl Drop for Dgram {
     fn drop(&mut self) {
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = &inner.loop_ {
-            l.get().release_fd(inner.sock_fd, inner.owner);
+            l.get().release_fd(inner.fileno, inner.owner);
         }
     }
 }
 
-impl Dgram {
+impl Transport for Dgram {
+    type Inner = Inner;
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         lock_state(&self.inner)
     }
@@ -210,7 +201,7 @@ impl NativeState for Dgram {
         } else if g.closing {
             info.push("closing".into());
         }
-        info.push(format!("fd={}", g.sock_fd));
+        info.push(format!("fd={}", g.fileno));
         if g.fd >= 0 && g.loop_.as_ref().is_some_and(|l| !l.get().closed_flag()) {
             let read = if g.want_read { "polling" } else { "idle" };
             info.push(format!("read={read}"));
@@ -227,35 +218,6 @@ static TRANSPORT_SOCKET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static DATAGRAM_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 impl Inner {
-    fn loop_ref<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, LoopCore>> {
-        self.loop_
-            .as_ref()
-            .map(|l| l.bind(py).clone())
-            .ok_or_else(|| PyRuntimeError::new_err("transport is closed"))
-    }
-
-    /// Brings the reactor registration in line with `read`/`write`.
-    fn set_interest(&mut self, obj: &Bound<'_, PyAny>, read: bool, write: bool) -> PyResult<()> {
-        if (read, write) == (self.want_read, self.want_write) || self.fd < 0 {
-            return Ok(());
-        }
-        let Some(l) = &self.loop_ else {
-            return Ok(());
-        };
-        l.get()
-            .set_native_interest(self.fd, obj, dispatch, read, write)?;
-        self.want_read = read;
-        self.want_write = write;
-        Ok(())
-    }
-
-    fn protocol<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.protocol
-            .as_ref()
-            .map(|p| p.bind(py).clone())
-            .ok_or_else(|| PyRuntimeError::new_err("transport has no protocol"))
-    }
-
     fn target(&self, py: Python<'_>) -> Target {
         Target {
             fd: self.fd,
@@ -767,71 +729,6 @@ fn m_call_connection_lost(
     Ok(none(obj.py()))
 }
 
-fn m_is_closing(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("is_closing")?;
-    let closing = st.lock()?.closing;
-    Ok(py_bool(obj.py(), closing))
-}
-
-fn m_is_reading(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("is_reading")?;
-    let g = st.lock()?;
-    Ok(py_bool(obj.py(), !g.paused && !g.closing))
-}
-
-fn m_pause_reading(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("pause_reading")?;
-    let py = obj.py();
-    let debug = {
-        let mut g = st.lock()?;
-        if g.closing || g.paused {
-            return Ok(none(py));
-        }
-        g.paused = true;
-        let write = g.want_write;
-        g.set_interest(obj, false, write)?;
-        g.loop_.as_ref().is_some_and(|l| l.get().debug_enabled())
-    };
-    if debug {
-        logger(py)?.call_method1(intern!(py, "debug"), ("%r pauses reading", obj))?;
-    }
-    Ok(none(py))
-}
-
-fn m_resume_reading(
-    obj: &Bound<'_, PyAny>,
-    st: &Dgram,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("resume_reading")?;
-    let py = obj.py();
-    let debug = {
-        let mut g = st.lock()?;
-        if g.closing || !g.paused {
-            return Ok(none(py));
-        }
-        g.paused = false;
-        let write = g.want_write;
-        g.set_interest(obj, true, write)?;
-        g.loop_.as_ref().is_some_and(|l| l.get().debug_enabled())
-    };
-    if debug {
-        logger(py)?.call_method1(intern!(py, "debug"), ("%r resumes reading", obj))?;
-    }
-    Ok(none(py))
-}
-
-/// Starts reading once `connection_made` has run (scheduled by the constructor).
-fn m_start_reading(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("_start_reading")?;
-    let mut g = st.lock()?;
-    if !g.closing && !g.paused {
-        let write = g.want_write;
-        g.set_interest(obj, true, write)?;
-    }
-    Ok(none(obj.py()))
-}
-
 fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let old = {
@@ -841,20 +738,6 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> Py
     };
     drop(old);
     Ok(none(obj.py()))
-}
-
-fn m_get_protocol(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
-    args.none("get_protocol")?;
-    Ok(cl(obj.py(), &st.lock()?.protocol).unwrap_or_else(|| none(obj.py())))
-}
-
-fn m_get_extra_info(
-    obj: &Bound<'_, PyAny>,
-    st: &Dgram,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    let extra = cl(obj.py(), &st.lock()?.extra);
-    extra_info(obj.py(), extra, args)
 }
 
 fn m_set_write_buffer_limits(
@@ -892,14 +775,22 @@ crate::native_method!(c_close, Dgram, m_close);
 crate::native_method!(c_abort, Dgram, m_abort);
 crate::native_method!(c_force_close, Dgram, m_force_close);
 crate::native_method!(c_call_connection_lost, Dgram, m_call_connection_lost);
-crate::native_method!(c_is_closing, Dgram, m_is_closing);
-crate::native_method!(c_is_reading, Dgram, m_is_reading);
-crate::native_method!(c_pause_reading, Dgram, m_pause_reading);
-crate::native_method!(c_resume_reading, Dgram, m_resume_reading);
-crate::native_method!(c_start_reading, Dgram, m_start_reading);
+crate::native_method!(c_is_closing, Dgram, transport::m_is_closing::<Dgram>);
+crate::native_method!(c_is_reading, Dgram, transport::m_is_reading::<Dgram>);
+crate::native_method!(c_pause_reading, Dgram, transport::m_pause_reading::<Dgram>);
+crate::native_method!(
+    c_resume_reading,
+    Dgram,
+    transport::m_resume_reading::<Dgram>
+);
+crate::native_method!(c_start_reading, Dgram, transport::m_start_reading::<Dgram>);
 crate::native_method!(c_set_protocol, Dgram, m_set_protocol);
-crate::native_method!(c_get_protocol, Dgram, m_get_protocol);
-crate::native_method!(c_get_extra_info, Dgram, m_get_extra_info);
+crate::native_method!(c_get_protocol, Dgram, transport::m_get_protocol::<Dgram>);
+crate::native_method!(
+    c_get_extra_info,
+    Dgram,
+    transport::m_get_extra_info::<Dgram>
+);
 crate::native_method!(c_set_write_buffer_limits, Dgram, m_set_write_buffer_limits);
 crate::native_method!(c_get_write_buffer_limits, Dgram, m_get_write_buffer_limits);
 crate::native_method!(c_get_write_buffer_size, Dgram, m_get_write_buffer_size);
@@ -1053,27 +944,17 @@ pub fn new_datagram_transport<'py>(
     }
     let state = Dgram {
         inner: Mutex::new(Inner {
-            fd,
-            sock_fd: fd,
-            owner: 0,
+            base: Base::new(fd, dispatch, l, &protocol, extra_dict),
             family,
             native_recv: matches!(family, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX),
             connected,
             address: truthy_address,
             send_empty: py.version_info() >= (3, 12),
-            loop_: Some(l.clone().unbind()),
             sock: Some(sock.unbind()),
-            protocol: Some(protocol.clone().unbind()),
             protocol_connected: true,
-            extra: Some(extra_dict.unbind()),
             buffer: VecDeque::new(),
             buffer_size: 0,
             flow: FlowControl::default(),
-            closing: false,
-            conn_lost: 0,
-            paused: false,
-            want_read: false,
-            want_write: false,
             last_peer: None,
         }),
     };

@@ -1,0 +1,229 @@
+//! What every fd transport (stream, pipe, datagram) shares: the state every one of
+//! them keeps ([`Base`]) and the methods that only touch it, written once.
+//!
+//! Each transport's state derefs to its `Base`, so its own code reads `g.fd`,
+//! `g.closing`, … as if the fields were its own.
+
+use std::ops::DerefMut;
+use std::os::fd::RawFd;
+use std::sync::MutexGuard;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::event_loop::LoopCore;
+use crate::iobuf::{cl, extra_info, logger, none, py_bool};
+use crate::pytype::{Args, NativeState};
+use crate::reactor::Dispatch;
+
+/// The state every fd transport keeps.
+pub(crate) struct Base {
+    /// The transport's fd; -1 once closed.
+    pub fd: RawFd,
+    /// The fd number for `repr` (kept after close, as the stdlib does).
+    pub fileno: RawFd,
+    /// Address of the Python object, the key of the loop's fd-owner table.
+    pub owner: usize,
+    /// What the reactor calls when the fd is ready.
+    pub dispatch: Dispatch,
+    pub loop_: Option<Py<LoopCore>>,
+    pub protocol: Option<Py<PyAny>>,
+    pub extra: Option<Py<PyDict>>,
+    pub closing: bool,
+    pub conn_lost: u32,
+    /// `pause_reading()` is in effect.
+    pub paused: bool,
+    /// The reactor is asked for readability / writability.
+    pub want_read: bool,
+    pub want_write: bool,
+}
+
+impl Base {
+    /// A fresh, open transport's state on `fd`.
+    pub fn new(
+        fd: RawFd,
+        dispatch: Dispatch,
+        l: &Bound<'_, LoopCore>,
+        protocol: &Bound<'_, PyAny>,
+        extra: Bound<'_, PyDict>,
+    ) -> Self {
+        Self {
+            fd,
+            fileno: fd,
+            owner: 0,
+            dispatch,
+            loop_: Some(l.clone().unbind()),
+            protocol: Some(protocol.clone().unbind()),
+            extra: Some(extra.unbind()),
+            closing: false,
+            conn_lost: 0,
+            paused: false,
+            want_read: false,
+            want_write: false,
+        }
+    }
+
+    /// Brings the reactor registration in line with `read`/`write`.
+    pub fn set_interest(
+        &mut self,
+        obj: &Bound<'_, PyAny>,
+        read: bool,
+        write: bool,
+    ) -> PyResult<()> {
+        if (read, write) == (self.want_read, self.want_write) || self.fd < 0 {
+            return Ok(());
+        }
+        let Some(l) = &self.loop_ else {
+            return Ok(());
+        };
+        l.get()
+            .set_native_interest(self.fd, obj, self.dispatch, read, write)?;
+        self.want_read = read;
+        self.want_write = write;
+        Ok(())
+    }
+
+    pub fn loop_ref<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, LoopCore>> {
+        self.loop_
+            .as_ref()
+            .map(|l| l.bind(py).clone())
+            .ok_or_else(|| PyRuntimeError::new_err("transport is closed"))
+    }
+
+    pub fn protocol<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.protocol
+            .as_ref()
+            .map(|p| p.bind(py).clone())
+            .ok_or_else(|| PyRuntimeError::new_err("transport has no protocol"))
+    }
+
+    fn debug(&self) -> bool {
+        self.loop_.as_ref().is_some_and(|l| l.get().debug_enabled())
+    }
+}
+
+/// Makes `$inner` (a struct with a `base: Base` field) deref to its [`Base`].
+#[macro_export]
+macro_rules! deref_base {
+    ($inner:ty) => {
+        impl std::ops::Deref for $inner {
+            type Target = $crate::transport::Base;
+            fn deref(&self) -> &Self::Target {
+                &self.base
+            }
+        }
+
+        impl std::ops::DerefMut for $inner {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.base
+            }
+        }
+    };
+}
+
+/// A transport state whose inner data derefs to [`Base`].
+pub(crate) trait Transport: NativeState {
+    type Inner: DerefMut<Target = Base>;
+    fn lock(&self) -> PyResult<MutexGuard<'_, Self::Inner>>;
+}
+
+pub(crate) fn m_is_closing<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("is_closing")?;
+    let closing = st.lock()?.closing;
+    Ok(py_bool(obj.py(), closing))
+}
+
+pub(crate) fn m_is_reading<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("is_reading")?;
+    let g = st.lock()?;
+    Ok(py_bool(obj.py(), !g.paused && !g.closing))
+}
+
+pub(crate) fn m_pause_reading<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("pause_reading")?;
+    let py = obj.py();
+    let debug = {
+        let mut g = st.lock()?;
+        if g.closing || g.paused {
+            return Ok(none(py));
+        }
+        g.paused = true;
+        let write = g.want_write;
+        g.set_interest(obj, false, write)?;
+        g.debug()
+    };
+    if debug {
+        logger(py)?.call_method1(intern!(py, "debug"), ("%r pauses reading", obj))?;
+    }
+    Ok(none(py))
+}
+
+pub(crate) fn m_resume_reading<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("resume_reading")?;
+    let py = obj.py();
+    let debug = {
+        let mut g = st.lock()?;
+        if g.closing || !g.paused {
+            return Ok(none(py));
+        }
+        g.paused = false;
+        let write = g.want_write;
+        g.set_interest(obj, true, write)?;
+        g.debug()
+    };
+    if debug {
+        logger(py)?.call_method1(intern!(py, "debug"), ("%r resumes reading", obj))?;
+    }
+    Ok(none(py))
+}
+
+/// Starts reading once `connection_made` has run (the constructor schedules it).
+pub(crate) fn m_start_reading<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("_start_reading")?;
+    let mut g = st.lock()?;
+    if !g.closing && !g.paused {
+        let write = g.want_write;
+        g.set_interest(obj, true, write)?;
+    }
+    Ok(none(obj.py()))
+}
+
+pub(crate) fn m_get_protocol<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("get_protocol")?;
+    Ok(cl(obj.py(), &st.lock()?.protocol).unwrap_or_else(|| none(obj.py())))
+}
+
+pub(crate) fn m_get_extra_info<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    let extra = cl(obj.py(), &st.lock()?.extra);
+    extra_info(obj.py(), extra, args)
+}
