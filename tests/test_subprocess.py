@@ -421,8 +421,11 @@ def test_child_still_running_when_the_loop_closes_does_not_stay_a_zombie(loop):
         time.sleep(0.01)
     assert proc_state(pid) is None
     # The stdlib loop's watcher thread reaps it without telling the Popen object, which
-    # would warn "subprocess ... is still running" when collected: let it find out.
-    popen.poll()
+    # would warn "subprocess ... is still running" when collected: let it find out
+    # (poll() gives up while another thread holds the Popen's wait lock, so retry).
+    deadline = time.monotonic() + 5
+    while popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert popen.returncode is not None
 
 
