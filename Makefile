@@ -33,4 +33,5 @@ test-python: ## pytest: behaviour tests on both loops, examples, CPython conform
 test: build-prod test-rust test-python ## the whole suite, from a fresh checkout
 
 bench: ## side-by-side benchmarks in benchmarks/.venv (run.py installs the peers and ferroloop there)
+	cargo build --release --manifest-path benchmarks/loadgen/Cargo.toml
 	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Side-by-side benchmarks of asyncio event loops: asyncio, uvloop, rloop, rsloop, ferroloop.
 
-In-process workloads only (see benchmarks/README.md and benchmarks/workloads.py). Every
-(workload, loop, repetition) runs in a fresh subprocess, interleaved: for each workload, for
-each repetition, every loop once in a fixed order (A B C D E, A B C D E, ...).
+In-process workloads (benchmarks/workloads.py) and network workloads (benchmarks/network.py:
+echo servers from benchmarks/servers.py under load from the Rust client benchmarks/loadgen,
+with a plain-Rust echo server as the ceiling); see benchmarks/README.md. Every (workload,
+loop, repetition) runs in fresh subprocesses, interleaved: for each workload, for each
+repetition, every loop once in a fixed order (A B C D E, A B C D E, ...).
 
 The peers live in the benchmark's own virtualenv, benchmarks/.venv. This script re-executes
 itself under benchmarks/.venv/bin/python; if that venv does not exist it first runs
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import json
 import os
 import platform
@@ -36,6 +39,8 @@ RSLOOP_FAILED = VENV / "rsloop-install.failed"
 ORIG_CMD_ENV = "FERROLOOP_BENCH_CMD"
 
 sys.path.insert(0, str(HERE))
+import network  # noqa: E402
+from network import FULL_NET_WORKLOADS, NET_WORKLOADS, QUICK_NET_WORKLOADS  # noqa: E402
 from workloads import (  # noqa: E402
     ALLOC_WARMUP_BYTES,
     LOOPS,
@@ -51,9 +56,9 @@ REFERENCE = "ferroloop"
 SCRUBBED_ENV = ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONMALLOC", "PYTHONMALLOCSTATS")
 
 NOT_YET_MEASURED = (
-    "Network workloads are **not yet measured**: TCP and Unix-socket echo, streams, "
-    "`sock_*`, HTTP with wrk, TLS, memory per connection, and the plain-Rust ceiling "
-    "(the same work without Python). ferroloop has no transports yet."
+    "**Not yet measured**: HTTP (e.g. with wrk), UDP, memory per connection, TLS handshake "
+    "rates (the TLS workloads handshake during the warm-up and measure the encrypted echo), "
+    "and pipelined or multi-message-in-flight echo."
 )
 
 
@@ -314,7 +319,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions per (workload, loop)")
     p.add_argument("--loops", default=",".join(LOOPS), help="comma-separated (default: all)")
     p.add_argument(
-        "--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)"
+        "--workloads",
+        help="comma-separated names or shell patterns, e.g. 'sleep0,echo_protocol_*' "
+        "(default: every in-process workload, and every network workload; --quick: a subset)",
+    )
+    p.add_argument(
+        "--suite",
+        choices=("all", "inprocess", "network"),
+        default="all",
+        help="which workloads to run (default: all)",
+    )
+    p.add_argument(
+        "--net-reps", type=int, help="repetitions per network (workload, loop) (default: 3)"
+    )
+    p.add_argument(
+        "--net-warmup", type=float, help="seconds of load before measuring (default 0.5; quick 0.2)"
+    )
+    p.add_argument(
+        "--net-duration", type=float, help="seconds measured per cell (default 1.0; quick 0.5)"
+    )
+    p.add_argument(
+        "--net-quiet-budget",
+        type=float,
+        default=120,
+        help="seconds a run may spend in all waiting, before network cells, for other processes "
+        "to leave the CPUs idle (default 120; 0: never wait)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     p.add_argument("--write-results", action="store_true", help=f"write {RESULTS}")
@@ -337,13 +366,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.loops = [x for x in args.loops.split(",") if x]
-    args.workloads = [x for x in args.workloads.split(",") if x]
-    for name, known in (("loop", LOOPS), ("workload", WORKLOADS)):
-        for x in getattr(args, f"{name}s"):
-            if x not in known:
-                p.error(f"unknown {name} {x!r}; choose from {', '.join(known)}")
+    for x in args.loops:
+        if x not in LOOPS:
+            p.error(f"unknown loop {x!r}; choose from {', '.join(LOOPS)}")
+    default_net = QUICK_NET_WORKLOADS if args.quick else FULL_NET_WORKLOADS
+    if args.workloads is None:
+        inproc, net = list(WORKLOADS), default_net
+    else:
+        inproc, net = [], []
+        for pat in (x for x in args.workloads.split(",") if x):
+            hits_in = [w for w in WORKLOADS if fnmatch.fnmatchcase(w, pat)]
+            hits_net = [w for w in NET_WORKLOADS if fnmatch.fnmatchcase(w, pat)]
+            if not hits_in and not hits_net:
+                p.error(
+                    f"unknown workload {pat!r}; choose from {', '.join(WORKLOADS)}, "
+                    f"or network workloads like echo_protocol_tcp_1k_c10 "
+                    f"(echo_{{{','.join(network.KINDS)}}}_{{{','.join(network.TRANSPORTS)}}}"
+                    f"_{{{','.join(network.SIZES)}}}_c{{{','.join(map(str, network.CONNS))}}})"
+                )
+            inproc += [w for w in hits_in if w not in inproc]
+            net += [w for w in hits_net if w not in net]
+        inproc = [w for w in WORKLOADS if w in inproc]  # canonical order
+        net = [w for w in NET_WORKLOADS if w in net]
+    args.workloads = inproc if args.suite != "network" else []
+    args.net_workloads = net if args.suite != "inprocess" else []
     if args.reps is None:
         args.reps = 3 if args.quick else 5
+    if args.net_reps is None:
+        args.net_reps = 3
+    if args.net_warmup is None:
+        args.net_warmup = 0.2 if args.quick else 0.5
+    if args.net_duration is None:
+        args.net_duration = 0.5 if args.quick else 1.0
     args.scale = 10 if args.quick else 1
     return args
 
@@ -394,8 +448,30 @@ def main(argv: list[str] | None = None) -> int:
         i = infos[loop]
         where = i.get("error") or f"{i['version']}  {i['loop_type']}  {i['file']}"
         print(f"# {loop:9} {where}")
-    print(f"# {args.reps} reps, sizes ÷{args.scale}, load average before: {load_before}")
+    print(f"# load average before: {load_before}")
+    if args.workloads:
+        print(
+            f"# in-process: {len(args.workloads)} workloads, {args.reps} reps, sizes ÷{args.scale}"
+        )
+    net = None
+    if args.net_workloads:
+        server_cpu, client_cpu = network.pick_cpus()
+        net = network.NetOptions(
+            warmup=args.net_warmup,
+            duration=args.net_duration,
+            server_cpu=server_cpu,
+            client_cpu=client_cpu,
+            extra_path=[str(Path(args.ferroloop_path).resolve())] if args.ferroloop_path else [],
+            env=worker_env(),
+            quiet_budget=args.net_quiet_budget,
+        )
+        print(
+            f"# network: {len(args.net_workloads)} workloads, {args.net_reps} reps, "
+            f"{args.net_warmup:g} s warm-up + {args.net_duration:g} s measured per cell, "
+            f"server on CPU {server_cpu}, load generator on CPU {client_cpu}"
+        )
 
+    # in-process workloads
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
     errors: dict[tuple[str, str], str] = {}
     for loop in args.loops:
@@ -421,33 +497,86 @@ def main(argv: list[str] | None = None) -> int:
                     f"  cpu {ms(out['cpu']):>9} ms",
                     flush=True,
                 )
-    load_after = loadavg()
-    finished = dt.datetime.now(dt.UTC)
     stats = {k: summarize(v) for k, v in samples.items() if k not in errors}
     for k in list(samples):
         if k in errors:  # a loop that failed any repetition gets an error cell, not partial stats
             errors[k] += f" (after {len(samples[k])} good repetition(s))"
 
-    tables: list[str] = []
-    for w in args.workloads:
-        tables += [f"### {w}", "", workload_size(w, args.scale), ""]
-        tables += workload_table(w, args.loops, stats, errors)
-        tables.append("")
-    ratios = ["### ferroloop speedup, all workloads", "", RATIO_NOTE, ""]
-    ratios += ratio_table(args.workloads, args.loops, stats)
-    report = "\n".join([*tables, *ratios]) + "\n"
+    # network workloads
+    net_stats: dict[tuple[str, str], dict[str, float]] = {}
+    net_errors: dict[tuple[str, str], str] = {}
+    if net is not None:
+        unavailable = {loop: infos[loop]["error"] for loop in args.loops if loop not in available}
+        why = network.ensure_loadgen()
+        if why is not None:
+            print(f"run.py: {why}", file=sys.stderr)
+            unavailable = dict.fromkeys([*args.loops, network.CEILING], why)
+        net_samples, net_errors = network.run_all(
+            args.net_workloads, args.loops, unavailable, args.net_reps, net
+        )
+        net_stats = {k: network.summarize(v) for k, v in net_samples.items()}
+    load_after = loadavg()
+    finished = dt.datetime.now(dt.UTC)
+
+    inproc_report = ""
+    if args.workloads:
+        tables: list[str] = []
+        for w in args.workloads:
+            tables += [f"### {w}", "", workload_size(w, args.scale), ""]
+            tables += workload_table(w, args.loops, stats, errors)
+            tables.append("")
+        ratios = ["### ferroloop speedup, all in-process workloads", "", RATIO_NOTE, ""]
+        ratios += ratio_table(args.workloads, args.loops, stats)
+        inproc_report = "\n".join([*tables, *ratios]) + "\n"
+    net_report = ""
+    if args.net_workloads:
+        lines = [NET_TABLE_NOTE, ""]
+        lines += network.config_tables(args.net_workloads, args.loops, net_stats, net_errors)
+        lines += network.ratio_tables(args.net_workloads, args.loops, net_stats)
+        net_report = "\n".join(lines)
     print()
-    print(report)
+    if inproc_report:
+        print("## In-process workloads (times in ms)\n")
+        print(inproc_report)
+    if net_report:
+        print("## Network workloads\n")
+        print(net_report)
     print(f"load average after: {load_after}")
 
     if args.write_results:
         RESULTS.write_text(
             results_md(
-                args, command, infos, warnings, report, load_before, load_after, started, finished
+                args,
+                command,
+                infos,
+                warnings,
+                inproc_report,
+                net_report,
+                net,
+                load_before,
+                load_after,
+                started,
+                finished,
             )
         )
         print(f"wrote {RESULTS}")
     return 0
+
+
+NET_TABLE_NOTE = (
+    "One table per transport, message size and number of connections; rows: how the echo is "
+    "written (kind) × loop, then the plain-Rust echo server (the ceiling). req/s: echoed "
+    "messages per second (one message in flight per connection). p99 latency: median over the "
+    "repetitions of each run's 99th percentile, send of the first byte to receipt of the last. "
+    "Server CPU / req: the server process's CPU time (user + system, all threads, "
+    "`/proc/PID/stat`) over the measured window ÷ the requests in it. Server CPU / client "
+    "CPU: share of one core over the window. Other load: CPU time used by every other process "
+    "on the machine during the window (`/proc/stat` busy time minus the server's and the "
+    "client's), as a share of one core; **§** marks a median above 25 %: those cells shared "
+    "their cores and are less reliable. **‡**: the load generator used more than 90 % of its "
+    "core, so that cell's req/s is capped by the client. Ratios are ferroloop's against the "
+    "peer in the same kind: > 1 means ferroloop is better (more req/s, less CPU per request)."
+)
 
 
 def results_md(
@@ -455,7 +584,9 @@ def results_md(
     command: str,
     infos: dict[str, dict[str, Any]],
     warnings: list[str],
-    report: str,
+    inproc_report: str,
+    net_report: str,
+    net: network.NetOptions | None,
     load_before: str,
     load_after: str,
     started: dt.datetime,
@@ -471,8 +602,37 @@ def results_md(
         else:
             versions.append(f"| {loop} | {i['version']} | `{i['loop_type']}` | `{i['file']}` |")
     ferro = infos.get(REFERENCE, {})
+    mode = "--quick" if args.quick else "full"
+    run_lines = [
+        f"- command: `{command}`",
+        f"- git revision: `{git_revision()}` (`-dirty`: tracked files had uncommitted changes)",
+        f"- started {started:%Y-%m-%d %H:%M:%S} UTC, finished {finished:%H:%M:%S} UTC",
+        f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
+    ]
+    if inproc_report:
+        run_lines.append(
+            f"- in-process: mode {mode}, sizes ÷{args.scale}, {args.reps} repetitions per "
+            "(workload, loop)"
+        )
+    if net is not None:
+        run_lines.append(
+            f"- network: mode {mode}, {len(args.net_workloads)} workloads, {args.net_reps} "
+            f"repetitions per (workload, loop), {net.warmup:g} s warm-up + {net.duration:g} s "
+            f"measured per repetition; servers pinned to CPU {net.server_cpu}, the load "
+            f"generator to CPU {net.client_cpu}; load generator built with "
+            f"{network.rustc_version()}; waited {net.quiet_waited:.0f} s in all "
+            f"(before {net.quiet_waits} cell(s), budget {args.net_quiet_budget:g} s) for other "
+            "processes to leave the CPUs idle"
+        )
+    alloc_note = (
+        f"- Allocator warm-up: before anything else, every measuring subprocess (in-process "
+        f"workers and the Python echo servers alike) allocated and freed one "
+        f"{ALLOC_WARMUP_BYTES // (1 << 20)} MiB block (`bytearray(1 << 20)`, then `del`), the "
+        "same for every loop, so the allocator is in a long-running-server steady state (with "
+        "glibc: the dynamic mmap threshold raised to 1 MiB, the trim threshold to 2 MiB)."
+    )
     lines = [
-        "# Benchmark results: in-process workloads",
+        "# Benchmark results",
         "",
         "Generated by `benchmarks/run.py --write-results`; see `benchmarks/README.md` for what "
         "each workload measures and how to run it.",
@@ -481,12 +641,7 @@ def results_md(
         "",
         "## Run",
         "",
-        f"- command: `{command}`",
-        f"- git revision: `{git_revision()}` (`-dirty`: tracked files had uncommitted changes)",
-        f"- started {started:%Y-%m-%d %H:%M:%S} UTC, finished {finished:%H:%M:%S} UTC",
-        f"- mode: {'--quick' if args.quick else 'full'}, sizes ÷{args.scale}, "
-        f"{args.reps} repetitions per (workload, loop)",
-        f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
+        *run_lines,
         "",
         "## Machine",
         "",
@@ -504,34 +659,61 @@ def results_md(
         "",
         "## Method",
         "",
-        "- Each (workload, loop, repetition) is a fresh subprocess of the same interpreter, so "
-        "no GC or allocator state carries over between loops. Order: for each workload, for "
-        "each repetition, every loop once (A B C D E, A B C D E, ...).",
-        f"- Allocator warm-up: before anything else, every subprocess allocated and freed one "
-        f"{ALLOC_WARMUP_BYTES // (1 << 20)} MiB block (`bytearray(1 << 20)`, then `del`), the "
-        "same for every loop, so the allocator is in a long-running-server steady state (with "
-        "glibc: the dynamic mmap threshold raised to 1 MiB, the trim threshold to 2 MiB).",
-        "- Warm-up: the same workload at a tenth of its size, on a separate loop, then "
-        "`gc.collect()`; the measured pass runs on a new loop. The cyclic GC stays enabled.",
-        "- Timed: from scheduling the first callback / creating the first coroutine to the "
-        "result; loop creation and closing are not timed. Results are checked (callback "
-        "counts, sums).",
-        "- Wall = `time.perf_counter`; CPU = `time.process_time` (user + system, whole "
-        "process, all threads).",
-        f"- Fixed parameters: random seed {SEED}, `PYTHONHASHSEED=0`, queue maxsize "
-        f"{QUEUE_MAXSIZE}; `PYTHONASYNCIODEBUG`, `PYTHONDEVMODE`, `PYTHONMALLOC` unset in the "
-        "subprocesses.",
+        alloc_note,
+        "- `PYTHONASYNCIODEBUG`, `PYTHONDEVMODE`, `PYTHONMALLOC` are unset in the subprocesses; "
+        "`PYTHONHASHSEED=0`.",
         "- min/max show the spread; with few repetitions on a shared machine, treat "
         "differences under ~10 % as noise.",
-        "",
-        "## Results (times in ms)",
-        "",
-        report,
-        "## Not yet measured",
-        "",
-        NOT_YET_MEASURED,
-        "",
     ]
+    if inproc_report:
+        lines += [
+            "",
+            "In-process workloads:",
+            "",
+            "- Each (workload, loop, repetition) is a fresh subprocess of the same interpreter, "
+            "so no GC or allocator state carries over between loops. Order: for each workload, "
+            "for each repetition, every loop once (A B C D E, A B C D E, ...).",
+            "- Warm-up: the same workload at a tenth of its size, on a separate loop, then "
+            "`gc.collect()`; the measured pass runs on a new loop. The cyclic GC stays enabled.",
+            "- Timed: from scheduling the first callback / creating the first coroutine to the "
+            "result; loop creation and closing are not timed. Results are checked (callback "
+            "counts, sums).",
+            "- Wall = `time.perf_counter`; CPU = `time.process_time` (user + system, whole "
+            "process, all threads).",
+            f"- Fixed parameters: random seed {SEED}, queue maxsize {QUEUE_MAXSIZE}.",
+        ]
+    if net is not None:
+        lines += [
+            "",
+            "Network workloads:",
+            "",
+            "- Each (workload, loop, repetition) is a fresh server process "
+            "(`benchmarks/servers.py KIND LOOP ADDR`, or `loadgen echo-server` for the ceiling) "
+            f"pinned to CPU {net.server_cpu}, and a fresh `loadgen client` pinned to CPU "
+            f"{net.client_cpu}. Order: for each workload, for each repetition, every loop once; "
+            "the ceiling of each (transport, size, connections) is interleaved with the first "
+            "workload of that configuration.",
+            "- The client (Rust, single-threaded, epoll via mio) keeps exactly one message in "
+            "flight per connection, checks every echoed byte against a per-connection "
+            "pseudo-random pattern (each message at a different offset), loads for the warm-up, "
+            "then measures; any connection error or mismatch makes the cell an error.",
+            "- Server CPU over the measured window: utime + stime of the server process from "
+            "`/proc/PID/stat`, read by the client when the window opens and closes (10 ms "
+            "ticks). Client CPU: its own `getrusage`.",
+            "- Before each measurement the driver samples the machine's busy CPU for 0.1 s and, "
+            "while other processes keep more than 0.3 of a core busy, waits (at most 10 s per "
+            "cell and the run's budget in all; see Run above). The tables still show the other "
+            "load during each window.",
+            "- TCP on 127.0.0.1 with `TCP_NODELAY` on both ends; Unix sockets in a fresh "
+            "temporary directory. Servers listen with backlog 1024 and read at most 65,536 "
+            "bytes at a time (streams, sock).",
+        ]
+    lines.append("")
+    if inproc_report:
+        lines += ["## In-process results (times in ms)", "", inproc_report]
+    if net_report:
+        lines += ["## Network results", "", net_report]
+    lines += ["## Not yet measured", "", NOT_YET_MEASURED, ""]
     return "\n".join(lines)
 
 
