@@ -24,9 +24,8 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes,
-    report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
-    FlowControl, RawBuffer, WriteBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, report_fatal,
+    schedule_connection_lost, warn_unclosed, would_block, write_vectored, RawBuffer, WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -42,7 +41,6 @@ pub(crate) struct Inner {
     writer: bool,
     pipe: Option<Py<PyAny>>,
     wbuf: WriteBuffer,
-    flow: FlowControl,
     /// `_call_connection_lost` is scheduled or done.
     lost_scheduled: bool,
 }
@@ -54,19 +52,13 @@ pub struct Pipe {
     inner: Mutex<Inner>,
 }
 
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = &inner.loop_ {
-            l.get().release_fd(inner.fileno, inner.owner);
-        }
-    }
-}
-
 impl Transport for Pipe {
     type Inner = Inner;
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         lock_state(&self.inner)
+    }
+    fn write_buffer_size(g: &Inner) -> usize {
+        g.wbuf.len()
     }
 }
 
@@ -267,7 +259,7 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Pipe) -> PyResult<()> {
     let read = g.want_read;
     g.set_interest(obj, read, false)?;
     drop(g);
-    maybe_resume_protocol(obj, st)?; // may write more
+    transport::maybe_resume_protocol(obj, st)?; // may write more
     let closing = {
         let mut g = st.lock()?;
         if g.closing && g.wbuf.is_empty() {
@@ -282,38 +274,6 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Pipe) -> PyResult<()> {
         call_connection_lost(obj, st, py.None().into_bound(py))?;
     }
     Ok(())
-}
-
-fn maybe_pause_protocol(obj: &Bound<'_, PyAny>, st: &Pipe) -> PyResult<()> {
-    let py = obj.py();
-    let (l, protocol) = {
-        let mut g = st.lock()?;
-        let size = g.wbuf.len();
-        if !g.flow.pause_needed(size) {
-            return Ok(());
-        }
-        (g.loop_ref(py)?, cl(py, &g.protocol))
-    };
-    match protocol {
-        Some(p) => notify_flow(obj, &l, p.bind(py), true),
-        None => Ok(()),
-    }
-}
-
-fn maybe_resume_protocol(obj: &Bound<'_, PyAny>, st: &Pipe) -> PyResult<()> {
-    let py = obj.py();
-    let (l, protocol) = {
-        let mut g = st.lock()?;
-        let size = g.wbuf.len();
-        if !g.flow.resume_needed(size) {
-            return Ok(());
-        }
-        (g.loop_ref(py)?, cl(py, &g.protocol))
-    };
-    match protocol {
-        Some(p) => notify_flow(obj, &l, p.bind(py), false),
-        None => Ok(()),
-    }
 }
 
 /// The stdlib's pipe `_fatal_error`: EIO is only logged in debug mode, anything else
@@ -438,7 +398,7 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Pipe, items: &[Bound<'_, PyAny>]) 
     g.wbuf.push_rest(items, &bufs, sent);
     drop(g);
     drop(bufs);
-    maybe_pause_protocol(obj, st)
+    transport::maybe_pause_protocol(obj, st)
 }
 
 fn m_write(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
@@ -529,36 +489,6 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Pipe, args: &Args<'_, '_>) -> PyR
     Ok(none(obj.py()))
 }
 
-fn m_set_write_buffer_limits(
-    obj: &Bound<'_, PyAny>,
-    st: &Pipe,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    st.lock()?.flow.set_limits(args)?;
-    maybe_pause_protocol(obj, st)?;
-    Ok(none(obj.py()))
-}
-
-fn m_get_write_buffer_limits(
-    obj: &Bound<'_, PyAny>,
-    st: &Pipe,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("get_write_buffer_limits")?;
-    let limits = st.lock()?.flow.limits();
-    Ok(limits.into_pyobject(obj.py())?.into_any().unbind())
-}
-
-fn m_get_write_buffer_size(
-    obj: &Bound<'_, PyAny>,
-    st: &Pipe,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("get_write_buffer_size")?;
-    let size = st.lock()?.wbuf.len();
-    Ok(size.into_pyobject(obj.py())?.into_any().unbind())
-}
-
 crate::native_method!(c_write, Pipe, m_write);
 crate::native_method!(c_writelines, Pipe, m_writelines);
 crate::native_method!(c_can_write_eof, Pipe, m_can_write_eof);
@@ -574,9 +504,21 @@ crate::native_method!(c_start_reading, Pipe, transport::m_start_reading::<Pipe>)
 crate::native_method!(c_set_protocol, Pipe, m_set_protocol);
 crate::native_method!(c_get_protocol, Pipe, transport::m_get_protocol::<Pipe>);
 crate::native_method!(c_get_extra_info, Pipe, transport::m_get_extra_info::<Pipe>);
-crate::native_method!(c_set_write_buffer_limits, Pipe, m_set_write_buffer_limits);
-crate::native_method!(c_get_write_buffer_limits, Pipe, m_get_write_buffer_limits);
-crate::native_method!(c_get_write_buffer_size, Pipe, m_get_write_buffer_size);
+crate::native_method!(
+    c_set_write_buffer_limits,
+    Pipe,
+    transport::m_set_write_buffer_limits::<Pipe>
+);
+crate::native_method!(
+    c_get_write_buffer_limits,
+    Pipe,
+    transport::m_get_write_buffer_limits::<Pipe>
+);
+crate::native_method!(
+    c_get_write_buffer_size,
+    Pipe,
+    transport::m_get_write_buffer_size::<Pipe>
+);
 
 static READ_PIPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static WRITE_PIPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -759,7 +701,6 @@ pub fn new_pipe_transport<'py>(
             writer,
             pipe: Some(pipe.unbind()),
             wbuf: WriteBuffer::default(),
-            flow: FlowControl::default(),
             lost_scheduled: false,
         }),
     };

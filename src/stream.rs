@@ -27,9 +27,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, notify_flow, py_bool, read_bytes, read_into,
-    report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
-    FlowControl, RawBuffer, WriteBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, read_into, report_fatal,
+    schedule_connection_lost, warn_unclosed, would_block, write_vectored, RawBuffer, WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -44,7 +43,6 @@ pub(crate) struct Inner {
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
     wbuf: WriteBuffer,
-    flow: FlowControl,
     eof: bool,
     empty_waiter: Option<Py<PyAny>>,
 }
@@ -56,19 +54,13 @@ pub struct Stream {
     inner: Mutex<Inner>,
 }
 
-impl Drop for Stream {
-    fn drop(&mut self) {
-        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = &inner.loop_ {
-            l.get().release_fd(inner.fileno, inner.owner);
-        }
-    }
-}
-
 impl Transport for Stream {
     type Inner = Inner;
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         lock_state(&self.inner)
+    }
+    fn write_buffer_size(g: &Inner) -> usize {
+        g.wbuf.len()
     }
 }
 
@@ -363,7 +355,7 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     };
     g.wbuf.consume(py, n);
     drop(g);
-    maybe_resume_protocol(obj, st)?; // may write more
+    transport::maybe_resume_protocol(obj, st)?; // may write more
     let mut g = st.lock()?;
     if !g.wbuf.is_empty() {
         return Ok(());
@@ -390,32 +382,6 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         }
     }
     Ok(())
-}
-
-fn maybe_pause_protocol(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
-    let py = obj.py();
-    let (l, protocol) = {
-        let mut g = st.lock()?;
-        let size = g.wbuf.len();
-        if !g.flow.pause_needed(size) {
-            return Ok(());
-        }
-        (g.loop_ref(py)?, g.protocol(py)?)
-    };
-    notify_flow(obj, &l, &protocol, true)
-}
-
-fn maybe_resume_protocol(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
-    let py = obj.py();
-    let (l, protocol) = {
-        let mut g = st.lock()?;
-        let size = g.wbuf.len();
-        if !g.flow.resume_needed(size) {
-            return Ok(());
-        }
-        (g.loop_ref(py)?, g.protocol(py)?)
-    };
-    notify_flow(obj, &l, &protocol, false)
 }
 
 /// The stdlib's `_fatal_error`: OSErrors are only logged in debug mode (they are the
@@ -596,7 +562,7 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]
     g.wbuf.push_rest(items, &bufs, sent);
     drop(g);
     drop(bufs);
-    maybe_pause_protocol(obj, st)
+    transport::maybe_pause_protocol(obj, st)
 }
 
 // -- methods -------------------------------------------------------------------------
@@ -692,36 +658,6 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> P
     Ok(none(py))
 }
 
-fn m_set_write_buffer_limits(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    st.lock()?.flow.set_limits(args)?;
-    maybe_pause_protocol(obj, st)?;
-    Ok(none(obj.py()))
-}
-
-fn m_get_write_buffer_limits(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("get_write_buffer_limits")?;
-    let limits = st.lock()?.flow.limits();
-    Ok(limits.into_pyobject(obj.py())?.into_any().unbind())
-}
-
-fn m_get_write_buffer_size(
-    obj: &Bound<'_, PyAny>,
-    st: &Stream,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("get_write_buffer_size")?;
-    let size = st.lock()?.wbuf.len();
-    Ok(size.into_pyobject(obj.py())?.into_any().unbind())
-}
-
 fn m_make_empty_waiter(
     obj: &Bound<'_, PyAny>,
     st: &Stream,
@@ -797,9 +733,21 @@ crate::native_method!(
     Stream,
     transport::m_get_extra_info::<Stream>
 );
-crate::native_method!(c_set_write_buffer_limits, Stream, m_set_write_buffer_limits);
-crate::native_method!(c_get_write_buffer_limits, Stream, m_get_write_buffer_limits);
-crate::native_method!(c_get_write_buffer_size, Stream, m_get_write_buffer_size);
+crate::native_method!(
+    c_set_write_buffer_limits,
+    Stream,
+    transport::m_set_write_buffer_limits::<Stream>
+);
+crate::native_method!(
+    c_get_write_buffer_limits,
+    Stream,
+    transport::m_get_write_buffer_limits::<Stream>
+);
+crate::native_method!(
+    c_get_write_buffer_size,
+    Stream,
+    transport::m_get_write_buffer_size::<Stream>
+);
 crate::native_method!(c_make_empty_waiter, Stream, m_make_empty_waiter);
 crate::native_method!(c_reset_empty_waiter, Stream, m_reset_empty_waiter);
 crate::native_method!(c_get_sock, Stream, m_get_sock);
@@ -1034,7 +982,6 @@ pub fn new_socket_transport<'py>(
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
             wbuf: WriteBuffer::default(),
-            flow: FlowControl::default(),
             eof: false,
             empty_waiter: None,
         }),

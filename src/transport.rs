@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::event_loop::LoopCore;
-use crate::iobuf::{cl, extra_info, logger, none, py_bool};
+use crate::iobuf::{cl, extra_info, logger, none, notify_flow, py_bool, FlowControl};
 use crate::pytype::{Args, NativeState};
 use crate::reactor::Dispatch;
 
@@ -33,6 +33,8 @@ pub(crate) struct Base {
     pub extra: Option<Py<PyDict>>,
     pub closing: bool,
     pub conn_lost: u32,
+    /// The write buffer's water marks (read-only transports never pass them).
+    pub flow: FlowControl,
     /// `pause_reading()` is in effect.
     pub paused: bool,
     /// The reactor is asked for readability / writability.
@@ -59,6 +61,7 @@ impl Base {
             extra: Some(extra.unbind()),
             closing: false,
             conn_lost: 0,
+            flow: FlowControl::default(),
             paused: false,
             want_read: false,
             want_write: false,
@@ -104,6 +107,16 @@ impl Base {
     }
 }
 
+impl Drop for Base {
+    fn drop(&mut self) {
+        // The fd-owner table holds a borrowed pointer to the transport: it must go
+        // before the object does.
+        if let Some(l) = &self.loop_ {
+            l.get().release_fd(self.fileno, self.owner);
+        }
+    }
+}
+
 /// Makes `$inner` (a struct with a `base: Base` field) deref to its [`Base`].
 #[macro_export]
 macro_rules! deref_base {
@@ -127,6 +140,66 @@ macro_rules! deref_base {
 pub(crate) trait Transport: NativeState {
     type Inner: DerefMut<Target = Base>;
     fn lock(&self) -> PyResult<MutexGuard<'_, Self::Inner>>;
+    /// Bytes (payload bytes, for datagrams) waiting to be written.
+    fn write_buffer_size(g: &Self::Inner) -> usize;
+}
+
+/// The stdlib's `_maybe_pause_protocol`: past the high-water mark, `pause_writing()`.
+pub(crate) fn maybe_pause_protocol<S: Transport>(obj: &Bound<'_, PyAny>, st: &S) -> PyResult<()> {
+    let py = obj.py();
+    let (l, protocol) = {
+        let mut g = st.lock()?;
+        let size = S::write_buffer_size(&g);
+        if !g.flow.pause_needed(size) {
+            return Ok(());
+        }
+        (g.loop_ref(py)?, g.protocol(py)?)
+    };
+    notify_flow(obj, &l, &protocol, true)
+}
+
+/// The stdlib's `_maybe_resume_protocol`: down to the low-water mark, `resume_writing()`.
+pub(crate) fn maybe_resume_protocol<S: Transport>(obj: &Bound<'_, PyAny>, st: &S) -> PyResult<()> {
+    let py = obj.py();
+    let (l, protocol) = {
+        let mut g = st.lock()?;
+        let size = S::write_buffer_size(&g);
+        if !g.flow.resume_needed(size) {
+            return Ok(());
+        }
+        (g.loop_ref(py)?, g.protocol(py)?)
+    };
+    notify_flow(obj, &l, &protocol, false)
+}
+
+pub(crate) fn m_set_write_buffer_limits<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    st.lock()?.flow.set_limits(args)?;
+    maybe_pause_protocol(obj, st)?;
+    Ok(none(obj.py()))
+}
+
+pub(crate) fn m_get_write_buffer_limits<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("get_write_buffer_limits")?;
+    let limits = st.lock()?.flow.limits();
+    Ok(limits.into_pyobject(obj.py())?.into_any().unbind())
+}
+
+pub(crate) fn m_get_write_buffer_size<S: Transport>(
+    obj: &Bound<'_, PyAny>,
+    st: &S,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    args.none("get_write_buffer_size")?;
+    let size = S::write_buffer_size(&*st.lock()?);
+    Ok(size.into_pyobject(obj.py())?.into_any().unbind())
 }
 
 pub(crate) fn m_is_closing<S: Transport>(

@@ -40,8 +40,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, notify_flow, report_fatal,
-    schedule_connection_lost, FlowControl, RawBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, report_fatal, schedule_connection_lost,
+    RawBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -88,7 +88,6 @@ pub(crate) struct Inner {
     buffer: VecDeque<Datagram>,
     /// Payload bytes in `buffer`.
     buffer_size: usize,
-    flow: FlowControl,
     /// The last sender and its Python address: a peer that keeps talking gets the same
     /// (immutable) address object instead of a new one per datagram.
     last_peer: Option<(SockAddr, Py<PyAny>)>,
@@ -101,19 +100,13 @@ pub struct Dgram {
     inner: Mutex<Inner>,
 }
 
-impl Drop for Dgram {
-    fn drop(&mut self) {
-        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = &inner.loop_ {
-            l.get().release_fd(inner.fileno, inner.owner);
-        }
-    }
-}
-
 impl Transport for Dgram {
     type Inner = Inner;
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         lock_state(&self.inner)
+    }
+    fn write_buffer_size(g: &Inner) -> usize {
+        g.buffer_size
     }
 }
 
@@ -491,7 +484,7 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
             Sent::Failed(e) => return socket_error(obj, st, e, WRITE_ERROR),
         }
     }
-    maybe_resume_protocol(obj, st)?; // may buffer more
+    transport::maybe_resume_protocol(obj, st)?; // may buffer more
     let closing = {
         let mut g = st.lock()?;
         if !g.buffer.is_empty() {
@@ -505,32 +498,6 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
         call_connection_lost(obj, st, py.None().into_bound(py))?;
     }
     Ok(())
-}
-
-fn maybe_pause_protocol(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
-    let py = obj.py();
-    let (l, protocol) = {
-        let mut g = st.lock()?;
-        let size = g.buffer_size;
-        if !g.flow.pause_needed(size) {
-            return Ok(());
-        }
-        (g.loop_ref(py)?, g.protocol(py)?)
-    };
-    notify_flow(obj, &l, &protocol, true)
-}
-
-fn maybe_resume_protocol(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
-    let py = obj.py();
-    let (l, protocol) = {
-        let mut g = st.lock()?;
-        let size = g.buffer_size;
-        if !g.flow.resume_needed(size) {
-            return Ok(());
-        }
-        (g.loop_ref(py)?, g.protocol(py)?)
-    };
-    notify_flow(obj, &l, &protocol, false)
 }
 
 /// The stdlib's `_fatal_error`: OSErrors are only logged in debug mode; anything else
@@ -697,7 +664,7 @@ fn m_sendto(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult
         });
         g.buffer_size += len;
     }
-    maybe_pause_protocol(obj, st)?;
+    transport::maybe_pause_protocol(obj, st)?;
     Ok(none(py))
 }
 
@@ -740,36 +707,6 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> Py
     Ok(none(obj.py()))
 }
 
-fn m_set_write_buffer_limits(
-    obj: &Bound<'_, PyAny>,
-    st: &Dgram,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    st.lock()?.flow.set_limits(args)?;
-    maybe_pause_protocol(obj, st)?;
-    Ok(none(obj.py()))
-}
-
-fn m_get_write_buffer_limits(
-    obj: &Bound<'_, PyAny>,
-    st: &Dgram,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("get_write_buffer_limits")?;
-    let limits = st.lock()?.flow.limits();
-    Ok(limits.into_pyobject(obj.py())?.into_any().unbind())
-}
-
-fn m_get_write_buffer_size(
-    obj: &Bound<'_, PyAny>,
-    st: &Dgram,
-    args: &Args<'_, '_>,
-) -> PyResult<Py<PyAny>> {
-    args.none("get_write_buffer_size")?;
-    let size = st.lock()?.buffer_size;
-    Ok(size.into_pyobject(obj.py())?.into_any().unbind())
-}
-
 crate::native_method!(c_sendto, Dgram, m_sendto);
 crate::native_method!(c_close, Dgram, m_close);
 crate::native_method!(c_abort, Dgram, m_abort);
@@ -791,9 +728,21 @@ crate::native_method!(
     Dgram,
     transport::m_get_extra_info::<Dgram>
 );
-crate::native_method!(c_set_write_buffer_limits, Dgram, m_set_write_buffer_limits);
-crate::native_method!(c_get_write_buffer_limits, Dgram, m_get_write_buffer_limits);
-crate::native_method!(c_get_write_buffer_size, Dgram, m_get_write_buffer_size);
+crate::native_method!(
+    c_set_write_buffer_limits,
+    Dgram,
+    transport::m_set_write_buffer_limits::<Dgram>
+);
+crate::native_method!(
+    c_get_write_buffer_limits,
+    Dgram,
+    transport::m_get_write_buffer_limits::<Dgram>
+);
+crate::native_method!(
+    c_get_write_buffer_size,
+    Dgram,
+    transport::m_get_write_buffer_size::<Dgram>
+);
 
 fn datagram_transport_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     DATAGRAM_TRANSPORT
@@ -954,7 +903,6 @@ pub fn new_datagram_transport<'py>(
             protocol_connected: true,
             buffer: VecDeque::new(),
             buffer_size: 0,
-            flow: FlowControl::default(),
             last_peer: None,
         }),
     };
