@@ -26,9 +26,10 @@ use pyo3::types::{PyInt, PyTuple};
 use crate::clock::monotonic;
 use crate::errors::os_error;
 use crate::handles::{Handle, NewHandle};
-use crate::reactor::{Dispatch, Reactor, SIGNAL_TOKEN};
+use crate::reactor::{Dispatch, Reactor, Waiter, SIGNAL_TOKEN};
 use crate::ready::{Job, ReadyQueue};
 use crate::signals::Signals;
+use crate::sock::Call;
 use crate::sync::lock;
 use crate::timers::TimerHeap;
 
@@ -190,10 +191,10 @@ impl LoopCore {
             .handle(false)?;
         let old = this
             .reactor
-            .add(fd, write, handle.clone_ref(slf.py()))
+            .add(fd, write, Waiter::Callback(handle.clone_ref(slf.py())))
             .map_err(os_error)?;
         if let Some(old) = old {
-            Handle::cancel_now(old.bind(slf.py()))?;
+            old.cancel(slf.py())?;
         }
         Ok(handle)
     }
@@ -207,7 +208,7 @@ impl LoopCore {
         this.ensure_fd_no_transport(slf.py(), fd)?;
         match this.reactor.remove(fd, write) {
             Some(old) => {
-                Handle::cancel_now(old.bind(slf.py()))?;
+                old.cancel(slf.py())?;
                 Ok(true)
             }
             None => Ok(false),
@@ -362,6 +363,39 @@ impl LoopCore {
     /// Debug mode flag, for the transports.
     pub(crate) fn debug_enabled(&self) -> bool {
         self.is_debug()
+    }
+
+    /// Installs a native waiter (a pending `sock_*` call) as `fd`'s reader or writer,
+    /// with `add_reader`'s checks and replacement rules.
+    pub(crate) fn arm_native_waiter(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        write: bool,
+        waiter: Waiter,
+    ) -> PyResult<()> {
+        self.check_closed()?;
+        self.ensure_fd_no_transport(py, fd)?;
+        if let Some(old) = self.reactor.add(fd, write, waiter).map_err(os_error)? {
+            old.cancel(py)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the native waiter `target` from `fd` if it is still installed; the
+    /// returned waiter is to be dropped by the caller once it holds no lock.
+    pub(crate) fn remove_native_waiter(
+        &self,
+        fd: RawFd,
+        write: bool,
+        target: &Bound<'_, PyAny>,
+    ) -> Option<Waiter> {
+        self.reactor.remove_native(fd, write, target)
+    }
+
+    /// Re-arms `fd` for its native waiter after a spurious wake-up.
+    pub(crate) fn rearm_native_waiter(&self, fd: RawFd) -> PyResult<()> {
+        self.reactor.rearm(fd).map_err(os_error)
     }
 
     /// Records the transport owning `fd`.
@@ -694,6 +728,33 @@ impl LoopCore {
             }
         }
         Ok(())
+    }
+
+    /// Receives up to `n` bytes from `sock` (a coroutine-like call, see `sock`).
+    fn sock_recv<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        n: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::sock::sock_call(slf, Call::Recv, sock, n)
+    }
+
+    /// Receives into the writable buffer `buf`; the call returns the byte count.
+    fn sock_recv_into<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        buf: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::sock::sock_call(slf, Call::RecvInto, sock, buf)
+    }
+
+    /// Sends all of `data` on the connected `sock`.
+    fn sock_sendall<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        data: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::sock::sock_call(slf, Call::SendAll, sock, data)
     }
 
     /// Raises RuntimeError if a live transport owns `fd` (the sock_* methods' check).

@@ -10,6 +10,7 @@
 //! - `stream`: TCP/Unix stream transports; `pipes`: read/write pipe transports;
 //!   `iobuf` and `transport`: what they share (write buffer, flow control, syscalls; the
 //!   common state and the methods that only touch it);
+//! - `sock`: `sock_recv`/`sock_recv_into`/`sock_sendall` as native waiters;
 //! - `udp`: UDP/Unix datagram transports; `sockaddr`: socket addresses as the `socket`
 //!   module converts them;
 //! - `signals`: delivery of `add_signal_handler` callbacks;
@@ -35,6 +36,7 @@ pub mod pytype;
 pub mod reactor;
 pub mod ready;
 pub mod signals;
+pub mod sock;
 pub mod sockaddr;
 pub mod stream;
 pub mod sync;
@@ -47,6 +49,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    m.add_class::<sock::SockOp>()?;
     m.add_function(wrap_pyfunction!(dns::resolve_in_pool, m)?)?;
     // Benchmarks refuse to measure a debug build.
     m.add(

@@ -7,14 +7,17 @@
 //! are not rounded up to the next millisecond; older kernels fall back to `epoll_wait`.
 //!
 //! Two kinds of registration share the set:
-//! - *callbacks* (`add_reader`/`add_writer`): a [`Handle`] per direction, queued when the
-//!   fd is ready;
+//! - *waiters* per direction: a callback [`Handle`] (`add_reader`/`add_writer`), queued
+//!   when the fd is ready, or a native one-shot waiter (a pending `sock_*` call) that the
+//!   loop dispatches directly;
 //! - *native targets* (transports): an object plus a dispatch function the loop calls
 //!   directly, so a readable socket costs no Python frame beyond the protocol's own.
 //!
 //! Invariants:
-//! - An fd is in the epoll set exactly when it has a callback or a native interest here.
-//! - An fd has callbacks or a native target, never both.
+//! - An fd is in the epoll set when it has a waiter or a native interest here, and
+//!   otherwise only as a fired (so disabled) one-shot registration kept for the fd's next
+//!   native waiter; its entry stays in the table until then or until the loop closes.
+//! - An fd has waiters or a native target, never both.
 //! - The token of a user fd is the fd itself; the two internal fds (the wake-up eventfd
 //!   and the signal socket) use tokens above any fd.
 //! - The caller (the loop) runs `poll` with the interpreter detached; nothing in the
@@ -66,11 +69,44 @@ struct Native {
     write: bool,
 }
 
+/// What waits on one direction of an fd.
+pub enum Waiter {
+    /// An `add_reader`/`add_writer` callback.
+    Callback(Py<Handle>),
+    /// A native waiter (a pending `sock_*` call): dispatched like a transport, and it
+    /// removes itself once done.
+    Native(Py<PyAny>, Dispatch),
+}
+
+impl Waiter {
+    /// Whether this is the native waiter `target`.
+    fn is_target(&self, target: &Bound<'_, PyAny>) -> bool {
+        matches!(self, Waiter::Native(t, _) if t.as_ptr() == target.as_ptr())
+    }
+
+    /// Stops a replaced or removed waiter: a callback handle is cancelled (as the stdlib
+    /// does); a native waiter is simply dropped, its caller left waiting, also as the
+    /// stdlib leaves a `sock_*` call whose reader was replaced.
+    pub fn cancel(self, py: Python<'_>) -> PyResult<()> {
+        match self {
+            Waiter::Callback(h) => Handle::cancel_now(h.bind(py)),
+            Waiter::Native(..) => Ok(()),
+        }
+    }
+}
+
+/// One fd's waiters and what the kernel's epoll set holds for it.
 #[derive(Default)]
 struct FdEntry {
-    reader: Option<Py<Handle>>,
-    writer: Option<Py<Handle>>,
+    reader: Option<Waiter>,
+    writer: Option<Waiter>,
     native: Option<Native>,
+    /// The fd is (as far as we know) in the epoll set.
+    in_kernel: bool,
+    /// The kernel's registration is one-shot: it disables itself after one event.
+    oneshot: bool,
+    /// A one-shot registration has not fired since it was last armed.
+    armed: bool,
 }
 
 impl FdEntry {
@@ -87,6 +123,23 @@ impl FdEntry {
             m |= libc::EPOLLOUT as u32;
         }
         m
+    }
+
+    /// Whether the fd's only waiter is one native (`sock_*`) waiter. Such a waiter is
+    /// registered one-shot: it is done after an event or two, and a one-shot
+    /// registration needs no syscall to stop (it already has) and one `EPOLL_CTL_MOD` to
+    /// re-arm, where level-triggered interest would cost an add and a delete per call.
+    fn oneshot_eligible(&self) -> bool {
+        self.native.is_none()
+            && matches!(
+                (&self.reader, &self.writer),
+                (Some(Waiter::Native(..)), None) | (None, Some(Waiter::Native(..)))
+            )
+    }
+
+    /// Nothing waits and the kernel holds nothing that can fire: the entry can go.
+    fn is_idle(&self) -> bool {
+        self.mask() == 0 && !self.in_kernel
     }
 }
 
@@ -178,16 +231,10 @@ impl Reactor {
         Ok(())
     }
 
-    /// Installs `handle` as `fd`'s reader (`write == false`) or writer, returning the
-    /// handle it replaces.
-    pub fn add(
-        &self,
-        fd: RawFd,
-        write: bool,
-        handle: Py<Handle>,
-    ) -> io::Result<Option<Py<Handle>>> {
+    /// Installs `waiter` as `fd`'s reader (`write == false`) or writer, returning the
+    /// waiter it replaces.
+    pub fn add(&self, fd: RawFd, write: bool, waiter: Waiter) -> io::Result<Option<Waiter>> {
         let mut fds = lock(&self.fds);
-        let known = fds.contains_key(&fd);
         let entry = fds.entry(fd).or_default();
         if entry.native.is_some() {
             return Err(io::Error::from_raw_os_error(libc::EBUSY));
@@ -197,18 +244,16 @@ impl Reactor {
         } else {
             &mut entry.reader
         };
-        let old = slot.replace(handle);
-        let mask = entry.mask();
-        if let Err(e) = self.apply(fd, mask, known) {
+        let old = slot.replace(waiter);
+        if let Err(e) = self.sync(fd, entry) {
             // Leave the table as it was.
-            let entry = fds.get_mut(&fd).expect("entry inserted above");
             let slot = if write {
                 &mut entry.writer
             } else {
                 &mut entry.reader
             };
             *slot = old;
-            if entry.mask() == 0 {
+            if entry.is_idle() {
                 fds.remove(&fd);
             }
             return Err(e);
@@ -216,9 +261,63 @@ impl Reactor {
         Ok(old)
     }
 
+    /// Brings the kernel's registration of `fd` in line with `entry`'s waiters.
+    fn sync(&self, fd: RawFd, entry: &mut FdEntry) -> io::Result<()> {
+        let mask = entry.mask();
+        if mask == 0 {
+            if entry.in_kernel && (entry.armed || !entry.oneshot) {
+                // The fd may already be closed (EBADF) or gone from the set (ENOENT):
+                // either way it is no longer watched, which is what we want.
+                let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+                entry.in_kernel = false;
+            }
+            // A fired one-shot registration stays in the set, disabled, ready for a MOD.
+            return Ok(());
+        }
+        let oneshot = entry.oneshot_eligible();
+        let flags = if oneshot {
+            mask | libc::EPOLLONESHOT as u32
+        } else {
+            mask
+        };
+        self.apply(fd, flags, entry.in_kernel)?;
+        entry.in_kernel = true;
+        entry.oneshot = oneshot;
+        entry.armed = true;
+        Ok(())
+    }
+
+    /// Re-arms `fd`'s one-shot registration after an event that found its native
+    /// waiter not ready after all (a spurious wake-up).
+    pub fn rearm(&self, fd: RawFd) -> io::Result<()> {
+        let mut fds = lock(&self.fds);
+        match fds.get_mut(&fd) {
+            Some(e) if e.oneshot && !e.armed => self.sync(fd, e),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes `fd`'s reader or writer, returning it if there was one.
-    pub fn remove(&self, fd: RawFd, write: bool) -> Option<Py<Handle>> {
+    pub fn remove(&self, fd: RawFd, write: bool) -> Option<Waiter> {
         self.remove_locked(&mut lock(&self.fds), fd, write)
+    }
+
+    /// Removes `fd`'s reader or writer if it is still the native waiter `target` (it may
+    /// have been replaced meanwhile), returning it. After the event that completed it,
+    /// this costs no syscall (see [`FdEntry::oneshot_eligible`]).
+    pub fn remove_native(
+        &self,
+        fd: RawFd,
+        write: bool,
+        target: &Bound<'_, PyAny>,
+    ) -> Option<Waiter> {
+        let mut fds = lock(&self.fds);
+        let entry = fds.get(&fd)?;
+        let slot = if write { &entry.writer } else { &entry.reader };
+        if !slot.as_ref().is_some_and(|w| w.is_target(target)) {
+            return None;
+        }
+        self.remove_locked(&mut fds, fd, write)
     }
 
     fn remove_locked(
@@ -226,21 +325,17 @@ impl Reactor {
         fds: &mut HashMap<RawFd, FdEntry>,
         fd: RawFd,
         write: bool,
-    ) -> Option<Py<Handle>> {
+    ) -> Option<Waiter> {
         let entry = fds.get_mut(&fd)?;
         let old = if write {
             entry.writer.take()
         } else {
             entry.reader.take()
         }?;
-        let mask = entry.mask();
-        if mask == 0 {
+        // Only a deletion (which cannot fail usefully) or a narrowing MOD happens here.
+        let _ = self.sync(fd, entry);
+        if entry.is_idle() {
             fds.remove(&fd);
-            // The fd may already be closed (EBADF) or gone from the set (ENOENT): either
-            // way it is no longer watched, which is what we want.
-            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-        } else {
-            let _ = self.ctl(libc::EPOLL_CTL_MOD, fd, mask, fd as u64);
         }
         Some(old)
     }
@@ -257,13 +352,16 @@ impl Reactor {
         write: bool,
     ) -> io::Result<Option<Py<PyAny>>> {
         let mut fds = lock(&self.fds);
-        let known = fds.contains_key(&fd);
         if !read && !write {
-            let Some(entry) = fds.remove(&fd) else {
+            let Some(entry) = fds.get_mut(&fd) else {
                 return Ok(None);
             };
-            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-            return Ok(entry.native.map(|n| n.target));
+            let old = entry.native.take();
+            let _ = self.sync(fd, entry);
+            if entry.is_idle() {
+                fds.remove(&fd);
+            }
+            return Ok(old.map(|n| n.target));
         }
         let entry = fds.entry(fd).or_default();
         if entry.reader.is_some() || entry.writer.is_some() {
@@ -275,11 +373,9 @@ impl Reactor {
             read,
             write,
         });
-        let mask = entry.mask();
-        if let Err(e) = self.apply(fd, mask, known) {
-            if known {
-                fds.get_mut(&fd).expect("entry present").native = old;
-            } else {
+        if let Err(e) = self.sync(fd, entry) {
+            entry.native = old;
+            if entry.is_idle() {
                 fds.remove(&fd);
             }
             return Err(e);
@@ -323,8 +419,12 @@ impl Reactor {
         let (mut handles, mut targets) = (Vec::new(), Vec::new());
         for (fd, e) in fds.drain() {
             let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-            handles.extend(e.reader);
-            handles.extend(e.writer);
+            for w in [e.reader, e.writer].into_iter().flatten() {
+                match w {
+                    Waiter::Callback(h) => handles.push(h),
+                    Waiter::Native(t, _) => targets.push(t),
+                }
+            }
             targets.extend(e.native.map(|n| n.target));
         }
         (handles, targets)
@@ -405,9 +505,12 @@ impl Reactor {
                     SIGNAL_TOKEN => out.signals = true,
                     fd => {
                         let fd = fd as RawFd;
-                        let Some(entry) = fds.get(&fd) else {
+                        let Some(entry) = fds.get_mut(&fd) else {
                             continue;
                         };
+                        if entry.oneshot {
+                            entry.armed = false;
+                        }
                         // Like selectors: anything beyond "only writable" wakes the reader,
                         // anything beyond "only readable" wakes the writer (HUP/ERR wake both).
                         let readable = flags & !(libc::EPOLLOUT as u32) != 0;
@@ -432,9 +535,21 @@ impl Reactor {
                         ];
                         for (hit, slot, write) in wakes {
                             match slot {
-                                Some(h) if hit && h.get().is_cancelled() => stale.push((fd, write)),
-                                Some(h) if hit => out.jobs.push(Job::Callback(h.clone_ref(py))),
-                                _ => {}
+                                _ if !hit => {}
+                                Some(Waiter::Callback(h)) if h.get().is_cancelled() => {
+                                    stale.push((fd, write))
+                                }
+                                Some(Waiter::Callback(h)) => {
+                                    out.jobs.push(Job::Callback(h.clone_ref(py)))
+                                }
+                                Some(Waiter::Native(target, dispatch)) => {
+                                    out.jobs.push(Job::Io(IoEvent {
+                                        target: target.clone_ref(py),
+                                        dispatch: *dispatch,
+                                        write,
+                                    }))
+                                }
+                                None => {}
                             }
                         }
                     }

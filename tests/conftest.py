@@ -40,6 +40,7 @@ import datetime
 import gc
 import ipaddress
 import shutil
+import socket
 import ssl
 import subprocess
 
@@ -271,6 +272,19 @@ def _self_signed_with_openssl(cert_path, key_path) -> None:
         check=True,
         capture_output=True,
     )
+
+
+@pytest.fixture
+def sockpair():
+    """A connected, non-blocking ``socket.socketpair()``."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.fixture(scope="session")

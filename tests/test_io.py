@@ -11,18 +11,6 @@ pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
-def sockpair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
-
-@pytest.fixture
 def tcp_pair():
     """A connected, non-blocking TCP loopback pair (client, server_side)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:

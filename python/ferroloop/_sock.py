@@ -184,11 +184,15 @@ class SockMixin:
             pass
         return await self._sock_wait(sock.fileno(), False, self._sock_call_cb, sock, method, *args)
 
-    async def sock_recv(self, sock, n):
+    # sock_recv, sock_recv_into and sock_sendall are the core's (native waiters, see
+    # src/sock.rs); it falls back to these for anything but a plain socket.socket outside
+    # debug mode.
+
+    async def _sock_recv_py(self, sock, n):
         """Receive up to ``n`` bytes from ``sock``; b"" at end of stream."""
         return await self._sock_read(sock, "recv", n)
 
-    async def sock_recv_into(self, sock, buf):
+    async def _sock_recv_into_py(self, sock, buf):
         """Receive into the writable buffer ``buf``; returns the number of bytes written."""
         return await self._sock_read(sock, "recv_into", buf)
 
@@ -202,7 +206,7 @@ class SockMixin:
 
     # -- sending ----------------------------------------------------------------------------
 
-    async def sock_sendall(self, sock, data):
+    async def _sock_sendall_py(self, sock, data):
         """Send all of ``data`` to the connected ``sock``.
 
         On error there is no telling how much of ``data`` the peer got.

@@ -1,0 +1,549 @@
+//! `loop.sock_recv`, `sock_recv_into` and `sock_sendall` in Rust.
+//!
+//! The stdlib writes them as coroutines that try the syscall, and only when it would
+//! block arm a reader (or writer) callback that retries it and settles a future. Here
+//! the call returns a [`SockOp`]: a coroutine-like object (it has `__await__`, `send`,
+//! `throw` and `close`, so `asyncio.iscoroutine` accepts it and `create_task` runs it)
+//! that makes the first attempt when first stepped, as the stdlib's coroutine does, and
+//! otherwise registers *itself* as the fd's native waiter: the reactor dispatches it
+//! straight from the ready queue, with no Handle, done-callback or Python frame.
+//!
+//! The observable protocol is the stdlib's: the attempt happens when the awaiting task
+//! first runs, the waiter occupies the fd's reader/writer slot (a later `add_reader`
+//! replaces it and `remove_reader` removes it, leaving the call waiting, as there), a
+//! transport-owned fd is refused with the same RuntimeError, and cancellation leaves
+//! the data in the socket. Only exact `socket.socket` objects outside debug mode take
+//! this path; anything else (an SSL socket, a wrapper, a subclass that may override
+//! `recv`) goes to the Python implementation, which calls the object's own methods.
+
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyTuple, PyType};
+use pyo3::{intern, PyTraverseError, PyVisit};
+
+use crate::errors::os_error;
+use crate::event_loop::LoopCore;
+use crate::iobuf::{lock_state, would_block, RawBuffer};
+use crate::pyhelpers::cached;
+use crate::reactor::Waiter;
+
+/// A buffer export held across a wait.
+struct Held(RawBuffer);
+
+// SAFETY: a `SockOp` is only touched with the interpreter attached (its methods and the
+// loop's dispatch), and its buffer only inside the op's mutex.
+unsafe impl Send for Held {}
+
+/// What the call does once the socket is ready.
+enum Op {
+    /// `sock_recv(sock, n)`: `n` is validated at the first attempt, as `sock.recv(n)`.
+    Recv { n: Py<PyAny>, max: usize },
+    /// `sock_recv_into(sock, buf)`.
+    RecvInto { buf: Py<PyAny>, view: Option<Held> },
+    /// `sock_sendall(sock, data)`: `pos` bytes of `view` are sent.
+    SendAll {
+        data: Py<PyAny>,
+        view: Option<Held>,
+        pos: usize,
+    },
+}
+
+enum Stage {
+    /// Created, not yet stepped.
+    Start,
+    /// Waiting for readiness (or, once it is done, for the task to collect) `fut`.
+    Waiting(Py<PyAny>),
+    /// Returned or raised.
+    Done,
+}
+
+struct State {
+    op: Op,
+    stage: Stage,
+    /// `sock.fileno()` at the first attempt.
+    fd: RawFd,
+}
+
+/// One pending `sock_*` call; see the module docs.
+#[pyclass(frozen, weakref, module = "ferroloop._ferroloop", name = "SockOp")]
+pub struct SockOp {
+    loop_: Py<LoopCore>,
+    sock: Py<PyAny>,
+    name: &'static str,
+    state: Mutex<State>,
+}
+
+/// The result of one attempt.
+enum Attempt {
+    Finished(Py<PyAny>),
+    Again,
+}
+
+/// `socket.socket`, the only type whose `recv`/`send` we may bypass.
+fn socket_type(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static T: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    cached(py, &T, "socket", "socket")
+}
+
+/// The stdlib `Future` class (the C one when available).
+fn future_type(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static T: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    cached(py, &T, "asyncio.futures", "Future")
+}
+
+/// The `sock_*` methods implemented here.
+#[derive(Clone, Copy)]
+pub(crate) enum Call {
+    /// `sock_recv(sock, n)`.
+    Recv,
+    /// `sock_recv_into(sock, buf)`.
+    RecvInto,
+    /// `sock_sendall(sock, data)`.
+    SendAll,
+}
+
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Recv => "sock_recv",
+            Call::RecvInto => "sock_recv_into",
+            Call::SendAll => "sock_sendall",
+        }
+    }
+
+    /// The Python implementation (`_sock.py`) for sockets this module must not bypass.
+    fn fallback(self, py: Python<'_>) -> &Bound<'_, pyo3::types::PyString> {
+        match self {
+            Call::Recv => intern!(py, "_sock_recv_py"),
+            Call::RecvInto => intern!(py, "_sock_recv_into_py"),
+            Call::SendAll => intern!(py, "_sock_sendall_py"),
+        }
+    }
+
+    fn op(self, arg: Py<PyAny>) -> Op {
+        match self {
+            Call::Recv => Op::Recv { n: arg, max: 0 },
+            Call::RecvInto => Op::RecvInto {
+                buf: arg,
+                view: None,
+            },
+            Call::SendAll => Op::SendAll {
+                data: arg,
+                view: None,
+                pos: 0,
+            },
+        }
+    }
+}
+
+/// `loop.<call>(sock, arg)`: a [`SockOp`], or the Python implementation's coroutine.
+pub(crate) fn sock_call<'py>(
+    lp: &Bound<'py, LoopCore>,
+    call: Call,
+    sock: Bound<'py, PyAny>,
+    arg: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    if lp.get().debug_enabled() || !sock.get_type().is(socket_type(py)?.cast::<PyType>()?) {
+        return lp.call_method1(call.fallback(py), (sock, arg));
+    }
+    SockOp::start(lp, sock, call.name(), call.op(arg.unbind()))
+}
+
+impl Op {
+    fn writes(&self) -> bool {
+        matches!(self, Op::SendAll { .. })
+    }
+
+    /// Validates the arguments as the socket method would, just before the first try.
+    fn prepare(&mut self, py: Python<'_>) -> PyResult<()> {
+        match self {
+            Op::Recv { n, max } => {
+                let n: isize = n.bind(py).extract()?;
+                if n < 0 {
+                    return Err(PyValueError::new_err("negative buffersize in recv"));
+                }
+                *max = n as usize;
+            }
+            Op::RecvInto { buf, view } => {
+                let buf = buf.bind(py);
+                let exported = RawBuffer::get(buf, true).map_err(|_| {
+                    // What `sock.recv_into`'s argument parser says of any failed export.
+                    let kind = buf
+                        .get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default();
+                    PyTypeError::new_err(format!(
+                        "recv_into() argument 1 must be read-write bytes-like object, not {kind}"
+                    ))
+                })?;
+                *view = Some(Held(exported));
+            }
+            Op::SendAll { data, view, .. } => {
+                *view = Some(Held(RawBuffer::get(data.bind(py), false)?))
+            }
+        }
+        Ok(())
+    }
+
+    /// One non-blocking syscall.
+    fn attempt(&mut self, py: Python<'_>, fd: RawFd) -> PyResult<Attempt> {
+        let res = match self {
+            Op::Recv { max, .. } => recv_bytes(py, fd, *max).map(|b| b.into_any().unbind()),
+            Op::RecvInto { view, .. } => {
+                let view = &mut view.as_mut().expect("prepared").0;
+                recv(fd, view.as_mut_ptr(), view.len())
+                    .map(|n| n.into_pyobject(py).expect("int").into_any().unbind())
+            }
+            Op::SendAll { view, pos, .. } => {
+                let rest = &view.as_ref().expect("prepared").0.as_slice()[*pos..];
+                // SAFETY: `rest` is a live slice of the exported buffer.
+                let n = unsafe {
+                    libc::send(
+                        fd,
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    *pos += n as usize;
+                    if *pos < view.as_ref().expect("prepared").0.len() {
+                        return Ok(Attempt::Again);
+                    }
+                    Ok(py.None())
+                }
+            }
+        };
+        match res {
+            Ok(v) => Ok(Attempt::Finished(v)),
+            Err(e) if would_block(&e) => Ok(Attempt::Again),
+            Err(e) => Err(os_error(e)),
+        }
+    }
+}
+
+/// One `recv` with `MSG_DONTWAIT` (a blocking socket must not stall the loop).
+fn recv(fd: RawFd, buf: *mut u8, len: usize) -> std::io::Result<usize> {
+    // SAFETY: `buf` points to `len` writable bytes.
+    let n = unsafe { libc::recv(fd, buf.cast(), len, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+extern "C" {
+    // CPython's in-place shrink of a fresh bytes object (what `socket.recv` uses); not
+    // in pyo3-ffi's public list, but exported by every CPython 3.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> libc::c_int;
+}
+
+/// `sock.recv(max)`: up to `max` bytes as `bytes`. Small reads go through the loop
+/// thread's read buffer and are copied out at their exact size, so a `recv(65536)` that
+/// gets 1 KiB costs a 1 KiB allocation, not a 64 KiB one shrunk afterwards.
+fn recv_bytes(py: Python<'_>, fd: RawFd, max: usize) -> std::io::Result<Bound<'_, PyBytes>> {
+    if let Some(res) = crate::iobuf::with_read_buf(max, |buf| {
+        recv(fd, buf.as_mut_ptr(), buf.len()).map(|n| PyBytes::new(py, &buf[..n]))
+    }) {
+        return res;
+    }
+    // Larger than the shared buffer: read straight into a bytes object, then shrink it.
+    let Ok(len) = ffi::Py_ssize_t::try_from(max) else {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+    };
+    // SAFETY: a NULL source makes an uninitialised bytes object of `len` bytes, which
+    // we own until it is returned; `_PyBytes_Resize` only shrinks it here.
+    unsafe {
+        let mut obj = ffi::PyBytes_FromStringAndSize(std::ptr::null(), len);
+        if obj.is_null() {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        match recv(fd, ffi::PyBytes_AsString(obj).cast(), max) {
+            Ok(n) => {
+                if n < max && _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) != 0 {
+                    PyErr::fetch(py); // obj was freed; report it as out of memory
+                    return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+                }
+                Ok(Bound::from_owned_ptr(py, obj).cast_into_unchecked())
+            }
+            Err(e) => {
+                ffi::Py_DECREF(obj);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `Future(loop=lp)`, as `loop.create_future()` makes it.
+fn new_future<'py>(lp: &Bound<'py, LoopCore>) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    static KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+    let kwnames = KWNAMES.get_or_init(py, || PyTuple::new(py, ["loop"]).expect("tuple").unbind());
+    let args = [lp.as_ptr()];
+    // SAFETY: a vectorcall with no positional arguments and one keyword (`loop`), whose
+    // value is a live reference for the duration of the call.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyObject_Vectorcall(
+                future_type(py)?.as_ptr(),
+                args.as_ptr(),
+                0,
+                kwnames.as_ptr(),
+            ),
+        )
+    }
+}
+
+/// Called by the loop when the op's fd is ready.
+fn dispatch(target: &Bound<'_, PyAny>, _write: bool) -> PyResult<()> {
+    let py = target.py();
+    let op = target.cast::<SockOp>()?.get();
+    let mut st = lock_state(&op.state)?;
+    let fd = st.fd;
+    let write = st.op.writes();
+    let fut = match &st.stage {
+        Stage::Waiting(f) => f.clone_ref(py),
+        _ => {
+            drop(st);
+            op.disarm(py, target, fd, write);
+            return Ok(());
+        }
+    };
+    let fut = fut.bind(py);
+    // Cancelled while the event was queued: leave the data in the socket.
+    if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
+        drop(st);
+        op.disarm(py, target, fd, write);
+        return Ok(());
+    }
+    let outcome = st.op.attempt(py, fd);
+    if let Ok(Attempt::Again) = outcome {
+        drop(st);
+        return op.loop_.bind(py).get().rearm_native_waiter(fd);
+    }
+    // The buffer export ends with the call, as a completed `sock.send`'s would.
+    release_view(&mut st.op);
+    drop(st);
+    op.disarm(py, target, fd, write);
+    match outcome {
+        Ok(Attempt::Finished(v)) => fut.call_method1(intern!(py, "set_result"), (v,))?,
+        Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?,
+        Ok(Attempt::Again) => unreachable!(),
+    };
+    Ok(())
+}
+
+fn release_view(op: &mut Op) {
+    match op {
+        Op::RecvInto { view, .. } | Op::SendAll { view, .. } => *view = None,
+        Op::Recv { .. } => {}
+    }
+}
+
+/// Ends a step with `value` as the call's result: `StopIteration(value)`, or for None
+/// plain exhaustion, which costs no exception object.
+fn finish(py: Python<'_>, value: Py<PyAny>) -> PyResult<Option<Py<PyAny>>> {
+    if value.is_none(py) {
+        Ok(None)
+    } else {
+        Err(PyStopIteration::new_err((value,)))
+    }
+}
+
+impl SockOp {
+    fn start<'py>(
+        lp: &Bound<'py, LoopCore>,
+        sock: Bound<'py, PyAny>,
+        name: &'static str,
+        op: Op,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let op = SockOp {
+            loop_: lp.clone().unbind(),
+            sock: sock.unbind(),
+            name,
+            state: Mutex::new(State {
+                op,
+                stage: Stage::Start,
+                fd: -1,
+            }),
+        };
+        Ok(Bound::new(lp.py(), op)?.into_any())
+    }
+
+    /// Removes this op from its fd's reader/writer slot if it is still there.
+    fn disarm(&self, py: Python<'_>, me: &Bound<'_, PyAny>, fd: RawFd, write: bool) {
+        let lp = self.loop_.bind(py).get();
+        drop(lp.remove_native_waiter(fd, write, me));
+    }
+
+    /// One step of the coroutine: returns the future to wait on, or ends the call.
+    fn step(slf: &Bound<'_, Self>) -> PyResult<Option<Py<PyAny>>> {
+        let py = slf.py();
+        let this = slf.get();
+        let mut st = lock_state(&this.state)?;
+        match &st.stage {
+            Stage::Start => {}
+            Stage::Waiting(fut) => {
+                let fut = fut.bind(py).clone();
+                if !fut.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    // Stepped before the future settled (not by a Task): wait on.
+                    fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+                    return Ok(Some(fut.unbind()));
+                }
+                st.stage = Stage::Done;
+                drop(st);
+                return finish(py, fut.call_method0(intern!(py, "result"))?.unbind());
+            }
+            Stage::Done => {
+                return Err(PyRuntimeError::new_err(
+                    "cannot reuse already awaited coroutine",
+                ))
+            }
+        }
+        st.stage = Stage::Done;
+        let fd: RawFd = this
+            .sock
+            .bind(py)
+            .call_method0(intern!(py, "fileno"))?
+            .extract()?;
+        st.fd = fd;
+        st.op.prepare(py)?;
+        match st.op.attempt(py, fd)? {
+            Attempt::Finished(v) => {
+                release_view(&mut st.op);
+                return finish(py, v);
+            }
+            Attempt::Again => {}
+        }
+        // Would block: wait for readiness, as the stdlib's reader/writer callback does.
+        let lp = this.loop_.bind(py);
+        let write = st.op.writes();
+        let fut = new_future(lp)?;
+        lp.get().arm_native_waiter(
+            py,
+            fd,
+            write,
+            Waiter::Native(slf.clone().into_any().unbind(), dispatch),
+        )?;
+        fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+        st.stage = Stage::Waiting(fut.clone().unbind());
+        Ok(Some(fut.unbind()))
+    }
+
+    /// Ends the call early (`throw`, `close`): unregisters it and cancels its future.
+    fn abandon(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let mut st = lock_state(&this.state)?;
+        let stage = std::mem::replace(&mut st.stage, Stage::Done);
+        let (fd, write) = (st.fd, st.op.writes());
+        release_view(&mut st.op);
+        drop(st);
+        if let Stage::Waiting(fut) = stage {
+            this.disarm(py, slf.as_any(), fd, write);
+            fut.bind(py).call_method0(intern!(py, "cancel"))?;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl SockOp {
+    fn __await__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(slf: &Bound<'_, Self>) -> PyResult<Option<Py<PyAny>>> {
+        Self::step(slf)
+    }
+
+    /// Resumes the call; like a coroutine that has not started, it only takes None first.
+    fn send(slf: &Bound<'_, Self>, value: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        let started = !matches!(lock_state(&slf.get().state)?.stage, Stage::Start);
+        if !started && !value.is_none() {
+            return Err(PyTypeError::new_err(
+                "can't send non-None value to a just-started coroutine",
+            ));
+        }
+        Self::step(slf)
+    }
+
+    /// Raises `typ` (an exception or its class, with `val`) in the call: it stops
+    /// waiting, cancels its future and lets the exception out.
+    #[pyo3(signature = (typ, val=None, _tb=None))]
+    fn throw(
+        slf: &Bound<'_, Self>,
+        typ: &Bound<'_, PyAny>,
+        val: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        Self::abandon(slf)?;
+        let exc = if typ.is_instance_of::<pyo3::exceptions::PyBaseException>() {
+            typ.clone()
+        } else {
+            match val {
+                Some(v) if !v.is_none() => typ.call1((v,))?,
+                _ => typ.call0()?,
+            }
+        };
+        Err(PyErr::from_value(exc))
+    }
+
+    /// Stops the call (no result will be delivered).
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::abandon(slf)
+    }
+
+    #[getter]
+    fn __name__(&self) -> &'static str {
+        self.name
+    }
+
+    #[getter]
+    fn __qualname__(&self) -> String {
+        format!("Loop.{}", self.name)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Loop.{} call>", self.name)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.loop_)?;
+        visit.call(&self.sock)?;
+        // A call in progress owns its lock; skipping it then only delays collection.
+        if let Ok(st) = self.state.try_lock() {
+            if let Stage::Waiting(f) = &st.stage {
+                visit.call(f)?;
+            }
+            match &st.op {
+                Op::Recv { n, .. } => visit.call(n)?,
+                Op::RecvInto { buf, .. } => visit.call(buf)?,
+                Op::SendAll { data, .. } => visit.call(data)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        if let Ok(mut st) = self.state.try_lock() {
+            st.stage = Stage::Done;
+            release_view(&mut st.op);
+        }
+    }
+}
