@@ -736,7 +736,7 @@ impl LoopCore {
         sock: Bound<'py, PyAny>,
         n: Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        crate::sock::sock_call(slf, Call::Recv, sock, n)
+        crate::sock::sock_call(slf, Call::Recv, sock, n, None)
     }
 
     /// Receives into the writable buffer `buf`; the call returns the byte count.
@@ -745,7 +745,7 @@ impl LoopCore {
         sock: Bound<'py, PyAny>,
         buf: Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        crate::sock::sock_call(slf, Call::RecvInto, sock, buf)
+        crate::sock::sock_call(slf, Call::RecvInto, sock, buf, None)
     }
 
     /// Sends all of `data` on the connected `sock`.
@@ -754,7 +754,38 @@ impl LoopCore {
         sock: Bound<'py, PyAny>,
         data: Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        crate::sock::sock_call(slf, Call::SendAll, sock, data)
+        crate::sock::sock_call(slf, Call::SendAll, sock, data, None)
+    }
+
+    /// Receives a datagram of up to `bufsize` bytes: `(data, address)`.
+    fn sock_recvfrom<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        bufsize: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::sock::sock_call(slf, Call::RecvFrom, sock, bufsize, None)
+    }
+
+    /// Receives a datagram into `buf` (at most `nbytes`, 0: all of it): `(n, address)`.
+    #[pyo3(signature = (sock, buf, nbytes=None))]
+    fn sock_recvfrom_into<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        buf: Bound<'py, PyAny>,
+        nbytes: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let nbytes = nbytes.unwrap_or_else(|| PyInt::new(slf.py(), 0).into_any());
+        crate::sock::sock_call(slf, Call::RecvFromInto, sock, buf, Some(nbytes))
+    }
+
+    /// Sends the datagram `data` to `address`; the call returns the bytes sent.
+    fn sock_sendto<'py>(
+        slf: &Bound<'py, Self>,
+        sock: Bound<'py, PyAny>,
+        data: Bound<'py, PyAny>,
+        address: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::sock::sock_call(slf, Call::SendTo, sock, data, Some(address))
     }
 
     /// Raises RuntimeError if a live transport owns `fd` (the sock_* methods' check).

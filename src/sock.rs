@@ -23,7 +23,7 @@ use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError, PyValueErro
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyInt, PyTuple, PyType};
 use pyo3::{intern, PyTraverseError, PyVisit};
 
 use crate::errors::os_error;
@@ -31,6 +31,7 @@ use crate::event_loop::LoopCore;
 use crate::iobuf::{lock_state, would_block, RawBuffer};
 use crate::pyhelpers::cached;
 use crate::reactor::Waiter;
+use crate::sockaddr::SockAddr;
 
 /// A buffer export held across a wait.
 struct Held(RawBuffer);
@@ -39,17 +40,37 @@ struct Held(RawBuffer);
 // loop's dispatch), and its buffer only inside the op's mutex.
 unsafe impl Send for Held {}
 
-/// What the call does once the socket is ready.
+/// What the call does once the socket is ready. Arguments are validated at the first
+/// attempt, as the socket method would validate them.
 enum Op {
-    /// `sock_recv(sock, n)`: `n` is validated at the first attempt, as `sock.recv(n)`.
-    Recv { n: Py<PyAny>, max: usize },
-    /// `sock_recv_into(sock, buf)`.
-    RecvInto { buf: Py<PyAny>, view: Option<Held> },
+    /// `sock_recv(sock, n)`, or with `from`, `sock_recvfrom(sock, n)`.
+    Recv {
+        n: Py<PyAny>,
+        max: usize,
+        from: bool,
+    },
+    /// `sock_recv_into(sock, buf)`, or with `from`, `sock_recvfrom_into(sock, buf,
+    /// nbytes)` (`nbytes` 0: the whole buffer).
+    RecvInto {
+        buf: Py<PyAny>,
+        nbytes: Option<Py<PyAny>>,
+        view: Option<Held>,
+        len: usize,
+        from: bool,
+    },
     /// `sock_sendall(sock, data)`: `pos` bytes of `view` are sent.
     SendAll {
         data: Py<PyAny>,
         view: Option<Held>,
         pos: usize,
+    },
+    /// `sock_sendto(sock, data, address)`; `to` is None for an address only the socket
+    /// object can convert (a host name, say), which then does the sending.
+    SendTo {
+        data: Py<PyAny>,
+        address: Py<PyAny>,
+        view: Option<Held>,
+        to: Option<SockAddr>,
     },
 }
 
@@ -105,6 +126,12 @@ pub(crate) enum Call {
     RecvInto,
     /// `sock_sendall(sock, data)`.
     SendAll,
+    /// `sock_recvfrom(sock, bufsize)`.
+    RecvFrom,
+    /// `sock_recvfrom_into(sock, buf, nbytes=0)`.
+    RecvFromInto,
+    /// `sock_sendto(sock, data, address)`.
+    SendTo,
 }
 
 impl Call {
@@ -113,6 +140,9 @@ impl Call {
             Call::Recv => "sock_recv",
             Call::RecvInto => "sock_recv_into",
             Call::SendAll => "sock_sendall",
+            Call::RecvFrom => "sock_recvfrom",
+            Call::RecvFromInto => "sock_recvfrom_into",
+            Call::SendTo => "sock_sendto",
         }
     }
 
@@ -122,106 +152,193 @@ impl Call {
             Call::Recv => intern!(py, "_sock_recv_py"),
             Call::RecvInto => intern!(py, "_sock_recv_into_py"),
             Call::SendAll => intern!(py, "_sock_sendall_py"),
+            Call::RecvFrom => intern!(py, "_sock_recvfrom_py"),
+            Call::RecvFromInto => intern!(py, "_sock_recvfrom_into_py"),
+            Call::SendTo => intern!(py, "_sock_sendto_py"),
         }
     }
 
-    fn op(self, arg: Py<PyAny>) -> Op {
+    fn op(self, arg: Py<PyAny>, extra: Option<Py<PyAny>>) -> Op {
         match self {
-            Call::Recv => Op::Recv { n: arg, max: 0 },
-            Call::RecvInto => Op::RecvInto {
+            Call::Recv | Call::RecvFrom => Op::Recv {
+                n: arg,
+                max: 0,
+                from: matches!(self, Call::RecvFrom),
+            },
+            Call::RecvInto | Call::RecvFromInto => Op::RecvInto {
                 buf: arg,
+                nbytes: extra,
                 view: None,
+                len: 0,
+                from: matches!(self, Call::RecvFromInto),
             },
             Call::SendAll => Op::SendAll {
                 data: arg,
                 view: None,
                 pos: 0,
             },
+            Call::SendTo => Op::SendTo {
+                data: arg,
+                address: extra.expect("sock_sendto passes an address"),
+                view: None,
+                to: None,
+            },
         }
     }
 }
 
-/// `loop.<call>(sock, arg)`: a [`SockOp`], or the Python implementation's coroutine.
+/// `loop.<call>(sock, arg[, extra])`: a [`SockOp`], or the Python implementation's
+/// coroutine.
 pub(crate) fn sock_call<'py>(
     lp: &Bound<'py, LoopCore>,
     call: Call,
     sock: Bound<'py, PyAny>,
     arg: Bound<'py, PyAny>,
+    extra: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = lp.py();
     if lp.get().debug_enabled() || !sock.get_type().is(socket_type(py)?.cast::<PyType>()?) {
-        return lp.call_method1(call.fallback(py), (sock, arg));
+        return match extra {
+            Some(x) => lp.call_method1(call.fallback(py), (sock, arg, x)),
+            None => lp.call_method1(call.fallback(py), (sock, arg)),
+        };
     }
-    SockOp::start(lp, sock, call.name(), call.op(arg.unbind()))
+    let op = call.op(arg.unbind(), extra.map(Bound::unbind));
+    SockOp::start(lp, sock, call.name(), op)
 }
 
 impl Op {
     fn writes(&self) -> bool {
-        matches!(self, Op::SendAll { .. })
+        matches!(self, Op::SendAll { .. } | Op::SendTo { .. })
     }
 
     /// Validates the arguments as the socket method would, just before the first try.
-    fn prepare(&mut self, py: Python<'_>) -> PyResult<()> {
+    fn prepare(&mut self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
         match self {
-            Op::Recv { n, max } => {
+            Op::Recv { n, max, from } => {
                 let n: isize = n.bind(py).extract()?;
                 if n < 0 {
-                    return Err(PyValueError::new_err("negative buffersize in recv"));
+                    let method = if *from { "recvfrom" } else { "recv" };
+                    return Err(PyValueError::new_err(format!(
+                        "negative buffersize in {method}"
+                    )));
                 }
                 *max = n as usize;
             }
-            Op::RecvInto { buf, view } => {
+            Op::RecvInto {
+                buf,
+                nbytes,
+                view,
+                len,
+                from,
+            } => {
+                let method = if *from { "recvfrom_into" } else { "recv_into" };
                 let buf = buf.bind(py);
+                // 0 (or absent) means the whole buffer, counted as len() counts it.
+                let asked: isize = match nbytes {
+                    Some(n) if n.bind(py).is_truthy()? => n.bind(py).extract()?,
+                    _ => buf.len()? as isize,
+                };
                 let exported = RawBuffer::get(buf, true).map_err(|_| {
-                    // What `sock.recv_into`'s argument parser says of any failed export.
+                    // What the socket method's argument parser says of a failed export.
                     let kind = buf
                         .get_type()
                         .name()
                         .map(|n| n.to_string())
                         .unwrap_or_default();
                     PyTypeError::new_err(format!(
-                        "recv_into() argument 1 must be read-write bytes-like object, not {kind}"
+                        "{method}() argument 1 must be read-write bytes-like object, not {kind}"
                     ))
                 })?;
+                if asked < 0 {
+                    return Err(PyValueError::new_err(format!(
+                        "negative buffersize in {method}"
+                    )));
+                }
+                if asked as usize > exported.len() {
+                    return Err(PyValueError::new_err(
+                        "nbytes is greater than the length of the buffer",
+                    ));
+                }
+                *len = if *from {
+                    asked as usize
+                } else {
+                    exported.len()
+                };
                 *view = Some(Held(exported));
             }
             Op::SendAll { data, view, .. } => {
                 *view = Some(Held(RawBuffer::get(data.bind(py), false)?))
+            }
+            Op::SendTo {
+                data,
+                address,
+                view,
+                to,
+            } => {
+                *view = Some(Held(RawBuffer::get(data.bind(py), false)?));
+                *to = SockAddr::from_python(socket_family(fd), address.bind(py));
             }
         }
         Ok(())
     }
 
     /// One non-blocking syscall.
-    fn attempt(&mut self, py: Python<'_>, fd: RawFd) -> PyResult<Attempt> {
+    fn attempt(&mut self, py: Python<'_>, sock: &Bound<'_, PyAny>, fd: RawFd) -> PyResult<Attempt> {
         let res = match self {
-            Op::Recv { max, .. } => recv_bytes(py, fd, *max).map(|b| b.into_any().unbind()),
-            Op::RecvInto { view, .. } => {
+            Op::Recv { max, from, .. } => {
+                let mut peer = from.then(SockAddr::empty);
+                match recv_bytes(py, fd, *max, peer.as_mut()) {
+                    Ok(b) => return with_peer(py, b.into_any(), peer),
+                    Err(e) => Err(e),
+                }
+            }
+            Op::RecvInto {
+                view, len, from, ..
+            } => {
                 let view = &mut view.as_mut().expect("prepared").0;
-                recv(fd, view.as_mut_ptr(), view.len())
-                    .map(|n| n.into_pyobject(py).expect("int").into_any().unbind())
+                let mut peer = from.then(SockAddr::empty);
+                match recv(fd, view.as_mut_ptr(), *len, peer.as_mut()) {
+                    Ok(n) => return with_peer(py, PyInt::new(py, n).into_any(), peer),
+                    Err(e) => Err(e),
+                }
             }
             Op::SendAll { view, pos, .. } => {
                 let rest = &view.as_ref().expect("prepared").0.as_slice()[*pos..];
-                // SAFETY: `rest` is a live slice of the exported buffer.
-                let n = unsafe {
-                    libc::send(
-                        fd,
-                        rest.as_ptr().cast(),
-                        rest.len(),
-                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    *pos += n as usize;
-                    if *pos < view.as_ref().expect("prepared").0.len() {
-                        return Ok(Attempt::Again);
+                match send(fd, rest, None) {
+                    Ok(n) => {
+                        *pos += n;
+                        if *pos < view.as_ref().expect("prepared").0.len() {
+                            return Ok(Attempt::Again);
+                        }
+                        Ok(py.None())
                     }
-                    Ok(py.None())
+                    Err(e) => Err(e),
                 }
             }
+            Op::SendTo {
+                data,
+                address,
+                view,
+                to,
+            } => match to {
+                Some(to) => send(fd, view.as_ref().expect("prepared").0.as_slice(), Some(to))
+                    .map(|n| PyInt::new(py, n).into_any().unbind()),
+                None => {
+                    // The socket object resolves the address (as the stdlib's call does).
+                    let args = (data.bind(py), 0, address.bind(py));
+                    return match sock.call_method1(intern!(py, "sendto"), args) {
+                        Ok(n) => Ok(Attempt::Finished(n.unbind())),
+                        Err(e)
+                            if e.is_instance_of::<pyo3::exceptions::PyBlockingIOError>(py)
+                                || e.is_instance_of::<pyo3::exceptions::PyInterruptedError>(py) =>
+                        {
+                            Ok(Attempt::Again)
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
+            },
         };
         match res {
             Ok(v) => Ok(Attempt::Finished(v)),
@@ -231,10 +348,76 @@ impl Op {
     }
 }
 
-/// One `recv` with `MSG_DONTWAIT` (a blocking socket must not stall the loop).
-fn recv(fd: RawFd, buf: *mut u8, len: usize) -> std::io::Result<usize> {
-    // SAFETY: `buf` points to `len` writable bytes.
-    let n = unsafe { libc::recv(fd, buf.cast(), len, libc::MSG_DONTWAIT) };
+/// The call's result: `result`, or `(result, address)` when it reports the sender.
+fn with_peer(
+    py: Python<'_>,
+    result: Bound<'_, PyAny>,
+    peer: Option<SockAddr>,
+) -> PyResult<Attempt> {
+    let value = match peer {
+        None => result,
+        Some(peer) => PyTuple::new(py, [result, peer.to_python(py)?])?.into_any(),
+    };
+    Ok(Attempt::Finished(value.unbind()))
+}
+
+/// The address family of socket `fd` (`SO_DOMAIN`), -1 if unknown.
+fn socket_family(fd: RawFd) -> i32 {
+    let mut family: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `family` and `len` are live out-parameters of the right sizes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut family as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        family
+    } else {
+        -1
+    }
+}
+
+/// One `send`/`sendto` that neither blocks nor raises SIGPIPE.
+fn send(fd: RawFd, buf: &[u8], to: Option<&SockAddr>) -> std::io::Result<usize> {
+    let (addr, addrlen) = to.map_or((std::ptr::null(), 0), SockAddr::as_parts);
+    // SAFETY: `buf` is a live slice; `addr` is null or a live sockaddr of `addrlen` bytes.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            addr,
+            addrlen,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `recv`/`recvfrom` with `MSG_DONTWAIT` (a blocking socket must not stall the
+/// loop); `peer` receives the sender's address.
+fn recv(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    peer: Option<&mut SockAddr>,
+) -> std::io::Result<usize> {
+    let (addr, addrlen) = match peer {
+        Some(p) => p.as_mut_parts(),
+        None => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    // SAFETY: `buf` points to `len` writable bytes; `addr`/`addrlen` are null or a live
+    // sockaddr_storage and its length.
+    let n = unsafe { libc::recvfrom(fd, buf.cast(), len, libc::MSG_DONTWAIT, addr, addrlen) };
     if n < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -251,9 +434,15 @@ extern "C" {
 /// `sock.recv(max)`: up to `max` bytes as `bytes`. Small reads go through the loop
 /// thread's read buffer and are copied out at their exact size, so a `recv(65536)` that
 /// gets 1 KiB costs a 1 KiB allocation, not a 64 KiB one shrunk afterwards.
-fn recv_bytes(py: Python<'_>, fd: RawFd, max: usize) -> std::io::Result<Bound<'_, PyBytes>> {
+fn recv_bytes<'py>(
+    py: Python<'py>,
+    fd: RawFd,
+    max: usize,
+    mut peer: Option<&mut SockAddr>,
+) -> std::io::Result<Bound<'py, PyBytes>> {
     if let Some(res) = crate::iobuf::with_read_buf(max, |buf| {
-        recv(fd, buf.as_mut_ptr(), buf.len()).map(|n| PyBytes::new(py, &buf[..n]))
+        recv(fd, buf.as_mut_ptr(), buf.len(), peer.as_deref_mut())
+            .map(|n| PyBytes::new(py, &buf[..n]))
     }) {
         return res;
     }
@@ -268,7 +457,7 @@ fn recv_bytes(py: Python<'_>, fd: RawFd, max: usize) -> std::io::Result<Bound<'_
         if obj.is_null() {
             return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
         }
-        match recv(fd, ffi::PyBytes_AsString(obj).cast(), max) {
+        match recv(fd, ffi::PyBytes_AsString(obj).cast(), max, peer) {
             Ok(n) => {
                 if n < max && _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) != 0 {
                     PyErr::fetch(py); // obj was freed; report it as out of memory
@@ -327,7 +516,7 @@ fn dispatch(target: &Bound<'_, PyAny>, _write: bool) -> PyResult<()> {
         op.disarm(py, target, fd, write);
         return Ok(());
     }
-    let outcome = st.op.attempt(py, fd);
+    let outcome = st.op.attempt(py, op.sock.bind(py), fd);
     if let Ok(Attempt::Again) = outcome {
         drop(st);
         return op.loop_.bind(py).get().rearm_native_waiter(fd);
@@ -346,7 +535,9 @@ fn dispatch(target: &Bound<'_, PyAny>, _write: bool) -> PyResult<()> {
 
 fn release_view(op: &mut Op) {
     match op {
-        Op::RecvInto { view, .. } | Op::SendAll { view, .. } => *view = None,
+        Op::RecvInto { view, .. } | Op::SendAll { view, .. } | Op::SendTo { view, .. } => {
+            *view = None
+        }
         Op::Recv { .. } => {}
     }
 }
@@ -418,8 +609,8 @@ impl SockOp {
             .call_method0(intern!(py, "fileno"))?
             .extract()?;
         st.fd = fd;
-        st.op.prepare(py)?;
-        match st.op.attempt(py, fd)? {
+        st.op.prepare(py, fd)?;
+        match st.op.attempt(py, this.sock.bind(py), fd)? {
             Attempt::Finished(v) => {
                 release_view(&mut st.op);
                 return finish(py, v);
@@ -533,8 +724,17 @@ impl SockOp {
             }
             match &st.op {
                 Op::Recv { n, .. } => visit.call(n)?,
-                Op::RecvInto { buf, .. } => visit.call(buf)?,
+                Op::RecvInto { buf, nbytes, .. } => {
+                    visit.call(buf)?;
+                    if let Some(n) = nbytes {
+                        visit.call(n)?;
+                    }
+                }
                 Op::SendAll { data, .. } => visit.call(data)?,
+                Op::SendTo { data, address, .. } => {
+                    visit.call(data)?;
+                    visit.call(address)?;
+                }
             }
         }
         Ok(())

@@ -259,3 +259,91 @@ def test_sock_subclass_with_own_recv_is_called(loop, sockpair):
         b.send(b"hi")
         assert loop.run_until_complete(loop.sock_recv(wrapped, 10)) == b"hi"
     assert Counting.calls == 1
+
+
+# --------------------------------------------------------------------------- datagrams
+
+
+@pytest.fixture
+def udp6_or_unix_pair(request, tmp_path):
+    """Two bound, non-blocking datagram sockets of the family under test."""
+    family = request.param
+    if family == "unix":
+        a = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.bind(str(tmp_path / "a"))
+        b.bind(str(tmp_path / "b"))
+    else:
+        if not socket.has_ipv6:
+            pytest.skip("no IPv6")
+        a = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            a.bind(("::1", 0))
+            b.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback")
+    for s in (a, b):
+        s.setblocking(False)
+    with a, b:
+        yield a, b
+
+
+@pytest.mark.parametrize("udp6_or_unix_pair", ["inet6", "unix"], indirect=True)
+def test_sock_recvfrom_reports_the_sender_as_the_socket_module_does(loop, udp6_or_unix_pair):
+    a, b = udp6_or_unix_pair
+
+    async def main():
+        recv = loop.create_task(loop.sock_recvfrom(b, 100))
+        await asyncio.sleep(0)
+        assert await loop.sock_sendto(a, b"hello", b.getsockname()) == 5
+        return await recv
+
+    data, addr = loop.run_until_complete(main())
+    assert data == b"hello"
+    assert addr == a.getsockname()
+
+
+def test_sock_sendto_resolves_a_host_name_through_the_socket(loop):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            b.bind(("127.0.0.1", 0))
+            a.setblocking(False)
+            b.setblocking(False)
+            port = b.getsockname()[1]
+            sent = loop.run_until_complete(loop.sock_sendto(a, b"by-name", ("localhost", port)))
+            assert sent == 7
+            assert loop.run_until_complete(loop.sock_recvfrom(b, 100))[0] == b"by-name"
+
+
+def test_sock_sendto_with_a_bad_address_raises_like_the_socket(loop):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+        a.setblocking(False)
+        with pytest.raises(TypeError, match="must be tuple"):
+            loop.run_until_complete(loop.sock_sendto(a, b"x", "not-a-tuple"))
+
+
+def test_sock_recvfrom_into_rejects_nbytes_beyond_the_buffer(loop):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+        a.setblocking(False)
+        with pytest.raises(ValueError, match="greater than the length"):
+            loop.run_until_complete(loop.sock_recvfrom_into(a, bytearray(4), 10))
+
+
+def test_many_datagrams_each_wake_their_own_recvfrom(loop):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            for s in (a, b):
+                s.bind(("127.0.0.1", 0))
+                s.setblocking(False)
+
+            async def main():
+                got = []
+                for i in range(200):
+                    loop.call_soon(a.sendto, b"%d" % i, b.getsockname())
+                    data, addr = await loop.sock_recvfrom(b, 100)
+                    assert addr == a.getsockname()
+                    got.append(data)
+                return got
+
+            assert loop.run_until_complete(main()) == [b"%d" % i for i in range(200)]

@@ -184,9 +184,9 @@ class SockMixin:
             pass
         return await self._sock_wait(sock.fileno(), False, self._sock_call_cb, sock, method, *args)
 
-    # sock_recv, sock_recv_into and sock_sendall are the core's (native waiters, see
-    # src/sock.rs); it falls back to these for anything but a plain socket.socket outside
-    # debug mode.
+    # sock_recv, sock_recv_into, sock_recvfrom, sock_recvfrom_into, sock_sendall and
+    # sock_sendto are the core's (native waiters, see src/sock.rs); it falls back to these
+    # for anything but a plain socket.socket outside debug mode.
 
     async def _sock_recv_py(self, sock, n):
         """Receive up to ``n`` bytes from ``sock``; b"" at end of stream."""
@@ -196,11 +196,11 @@ class SockMixin:
         """Receive into the writable buffer ``buf``; returns the number of bytes written."""
         return await self._sock_read(sock, "recv_into", buf)
 
-    async def sock_recvfrom(self, sock, bufsize):
+    async def _sock_recvfrom_py(self, sock, bufsize):
         """Receive a datagram of up to ``bufsize`` bytes; returns ``(data, address)``."""
         return await self._sock_read(sock, "recvfrom", bufsize)
 
-    async def sock_recvfrom_into(self, sock, buf, nbytes=0):
+    async def _sock_recvfrom_into_py(self, sock, buf, nbytes=0):
         """Receive a datagram into ``buf``; returns ``(nbytes, address)``."""
         return await self._sock_read(sock, "recvfrom_into", buf, nbytes or len(buf))
 
@@ -247,7 +247,7 @@ class SockMixin:
         else:
             pos[0] = start
 
-    async def sock_sendto(self, sock, data, address):
+    async def _sock_sendto_py(self, sock, data, address):
         """Send the datagram ``data`` to ``address``; returns the number of bytes sent."""
         self._check_sock(sock)
         try:
