@@ -21,11 +21,13 @@ use std::sync::{Mutex, MutexGuard};
 use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyInt, PyTuple};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyInt, PyTuple};
 
 use crate::clock::monotonic;
 use crate::errors::os_error;
 use crate::handles::{Handle, NewHandle};
+use crate::pyhelpers::{cached, call_with_keywords};
 use crate::reactor::{Dispatch, Reactor, Waiter, SIGNAL_TOKEN};
 use crate::ready::{Job, ReadyQueue};
 use crate::signals::Signals;
@@ -393,6 +395,15 @@ impl LoopCore {
         self.reactor.remove_native(fd, write, target)
     }
 
+    /// `Future(loop=slf)`: what `create_future` returns.
+    pub(crate) fn new_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        static FUTURE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static NAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+        let py = slf.py();
+        let future = cached(py, &FUTURE, "asyncio.futures", "Future")?;
+        call_with_keywords(future, &[], &NAMES, &["loop"], &[slf.as_any()])
+    }
+
     /// Re-arms `fd` for its native waiter after a spurious wake-up.
     pub(crate) fn rearm_native_waiter(&self, fd: RawFd) -> PyResult<()> {
         self.reactor.rearm(fd).map_err(os_error)
@@ -728,6 +739,48 @@ impl LoopCore {
             }
         }
         Ok(())
+    }
+
+    /// A Future attached to the loop.
+    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Self::new_future(slf)
+    }
+
+    /// Wraps `coro` in a Task. A task factory, extra keywords (for the factory) and
+    /// debug mode go through the Python half's `_create_task_py`.
+    #[pyo3(signature = (coro, *, name=None, context=None, **kwargs))]
+    fn create_task<'py>(
+        slf: &Bound<'py, Self>,
+        coro: Bound<'py, PyAny>,
+        name: Option<Bound<'py, PyAny>>,
+        context: Option<Bound<'py, PyAny>>,
+        kwargs: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        static TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static NAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let plain = !this.is_debug()
+            && kwargs.as_ref().is_none_or(|k| k.is_empty())
+            && slf.getattr(intern!(py, "_task_factory"))?.is_none();
+        let none = py.None().into_bound(py);
+        let name = name.unwrap_or_else(|| none.clone());
+        let context = context.unwrap_or(none);
+        if !plain {
+            let kw = kwargs.unwrap_or_else(|| PyDict::new(py));
+            kw.set_item(intern!(py, "name"), name)?;
+            kw.set_item(intern!(py, "context"), context)?;
+            return slf.call_method(intern!(py, "_create_task_py"), (coro,), Some(&kw));
+        }
+        let task = cached(py, &TASK, "asyncio.tasks", "Task")?;
+        call_with_keywords(
+            task,
+            &[&coro],
+            &NAMES,
+            &["loop", "name", "context"],
+            &[slf.as_any(), &name, &context],
+        )
     }
 
     /// Receives up to `n` bytes from `sock` (a coroutine-like call, see `sock`).

@@ -46,3 +46,32 @@ pub fn extract_caller_stack(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
             .unbind(),
     ))
 }
+
+/// `callable(*args, **dict(zip(kwnames, kwvalues)))` through vectorcall, with the keyword
+/// names interned once in `names`.
+pub(crate) fn call_with_keywords<'py>(
+    callable: &Bound<'py, PyAny>,
+    args: &[&Bound<'py, PyAny>],
+    names: &'static PyOnceLock<Py<PyTuple>>,
+    keys: &[&str],
+    values: &[&Bound<'py, PyAny>],
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = callable.py();
+    debug_assert_eq!(keys.len(), values.len());
+    let kwnames = names.get_or_try_init(py, || PyTuple::new(py, keys).map(Bound::unbind))?;
+    let all: Vec<*mut pyo3::ffi::PyObject> =
+        args.iter().chain(values).map(|o| o.as_ptr()).collect();
+    // SAFETY: `all` holds `args.len()` positional then `keys.len()` keyword values, every
+    // one a live reference for the duration of the call; `kwnames` names the latter.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            pyo3::ffi::PyObject_Vectorcall(
+                callable.as_ptr(),
+                all.as_ptr(),
+                args.len(),
+                kwnames.as_ptr(),
+            ),
+        )
+    }
+}

@@ -111,12 +111,6 @@ fn socket_type(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     cached(py, &T, "socket", "socket")
 }
 
-/// The stdlib `Future` class (the C one when available).
-fn future_type(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static T: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    cached(py, &T, "asyncio.futures", "Future")
-}
-
 /// The `sock_*` methods implemented here.
 #[derive(Clone, Copy)]
 pub(crate) enum Call {
@@ -473,27 +467,6 @@ fn recv_bytes<'py>(
     }
 }
 
-/// `Future(loop=lp)`, as `loop.create_future()` makes it.
-fn new_future<'py>(lp: &Bound<'py, LoopCore>) -> PyResult<Bound<'py, PyAny>> {
-    let py = lp.py();
-    static KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
-    let kwnames = KWNAMES.get_or_init(py, || PyTuple::new(py, ["loop"]).expect("tuple").unbind());
-    let args = [lp.as_ptr()];
-    // SAFETY: a vectorcall with no positional arguments and one keyword (`loop`), whose
-    // value is a live reference for the duration of the call.
-    unsafe {
-        Bound::from_owned_ptr_or_err(
-            py,
-            ffi::PyObject_Vectorcall(
-                future_type(py)?.as_ptr(),
-                args.as_ptr(),
-                0,
-                kwnames.as_ptr(),
-            ),
-        )
-    }
-}
-
 /// Called by the loop when the op's fd is ready.
 fn dispatch(target: &Bound<'_, PyAny>, _write: bool) -> PyResult<()> {
     let py = target.py();
@@ -620,7 +593,7 @@ impl SockOp {
         // Would block: wait for readiness, as the stdlib's reader/writer callback does.
         let lp = this.loop_.bind(py);
         let write = st.op.writes();
-        let fut = new_future(lp)?;
+        let fut = LoopCore::new_future(lp)?;
         lp.get().arm_native_waiter(
             py,
             fd,

@@ -160,10 +160,10 @@ class Loop(
 
     # -- futures and tasks ------------------------------------------------------------
 
-    def create_future(self) -> asyncio.Future:
-        return futures.Future(loop=self)
+    # create_future and create_task are the core's; it defers to this one for a task
+    # factory, extra keywords and debug mode.
 
-    def create_task(self, coro, *, name=None, context=None, **kwargs):
+    def _create_task_py(self, coro, *, name=None, context=None, **kwargs):
         """Schedule a coroutine as a Task; extra keywords go to the task factory."""
         self._check_closed()
         if context is not None:
