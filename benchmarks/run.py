@@ -3,9 +3,11 @@
 
 In-process workloads (benchmarks/workloads.py) and network workloads (benchmarks/network.py:
 echo servers from benchmarks/servers.py under load from the Rust client benchmarks/loadgen,
-with a plain-Rust echo server as the ceiling); see benchmarks/README.md. Every (workload,
-loop, repetition) runs in fresh subprocesses, interleaved: for each workload, for each
-repetition, every loop once in a fixed order (A B C D E, A B C D E, ...).
+with a plain-Rust echo server as the ceiling; an HTTP server under wrk, with a plain-Rust HTTP
+ceiling; the memory per idle connection); see benchmarks/README.md. --write-results also
+draws benchmarks/results.png (benchmarks/chart.py). Every (workload, loop, repetition) runs
+in fresh subprocesses, interleaved: for each workload, for each repetition, every loop once in
+a fixed order (A B C D E, A B C D E, ...).
 
 The peers live in the benchmark's own virtualenv, benchmarks/.venv. This script re-executes
 itself under benchmarks/.venv/bin/python; if that venv does not exist it first runs
@@ -35,10 +37,12 @@ VENV_PYTHON = VENV / "bin" / "python"
 SETUP = HERE / "setup.sh"
 WORKER = HERE / "workloads.py"
 RESULTS = HERE / "RESULTS.md"
+CHART = HERE / "results.png"
 RSLOOP_FAILED = VENV / "rsloop-install.failed"
 ORIG_CMD_ENV = "FERROLOOP_BENCH_CMD"
 
 sys.path.insert(0, str(HERE))
+import chart  # noqa: E402
 import network  # noqa: E402
 from network import FULL_NET_WORKLOADS, NET_WORKLOADS, QUICK_NET_WORKLOADS  # noqa: E402
 from workloads import (  # noqa: E402
@@ -56,9 +60,11 @@ REFERENCE = "ferroloop"
 SCRUBBED_ENV = ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONMALLOC", "PYTHONMALLOCSTATS")
 
 NOT_YET_MEASURED = (
-    "**Not yet measured**: HTTP (e.g. with wrk), UDP, memory per connection, TLS handshake "
-    "rates (the TLS workloads handshake during the warm-up and measure the encrypted echo), "
-    "and pipelined or multi-message-in-flight echo."
+    "**Not yet measured**: UDP; TLS handshake rates (the TLS workloads handshake during the "
+    "warm-up and measure the encrypted echo); pipelined or multi-message-in-flight echo; "
+    "pipelined HTTP (wrk sends one request at a time per connection), HTTP over TLS or Unix "
+    "sockets, and HTTP with request or response bodies of any size; memory per connection "
+    "under load (only idle connections are measured) and for the streams and sock_* servers."
 )
 
 
@@ -197,6 +203,16 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout?)"
     return f"{rev}-dirty" if dirty else rev
+
+
+def dist_version(dist: str) -> str:
+    """The installed version of a distribution in this interpreter, or "not installed"."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def loadavg() -> str:
@@ -382,7 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"unknown workload {pat!r}; choose from {', '.join(WORKLOADS)}, "
                     f"or network workloads like echo_protocol_tcp_1k_c10 "
                     f"(echo_{{{','.join(network.KINDS)}}}_{{{','.join(network.TRANSPORTS)}}}"
-                    f"_{{{','.join(network.SIZES)}}}_c{{{','.join(map(str, network.CONNS))}}})"
+                    f"_{{{','.join(network.SIZES)}}}_c{{{','.join(map(str, network.CONNS))}}}), "
+                    f"http_tcp_c{{{','.join(map(str, network.HTTP_CONNS))}}}, "
+                    f"mem_idle_tcp_c{{{','.join(map(str, network.MEM_CONNS))}}}"
                 )
             inproc += [w for w in hits_in if w not in inproc]
             net += [w for w in hits_net if w not in net]
@@ -530,8 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         inproc_report = "\n".join([*tables, *ratios]) + "\n"
     net_report = ""
     if args.net_workloads:
-        lines = [NET_TABLE_NOTE, ""]
+        lines = []
+        if any(network.NET_WORKLOADS[w].family == "echo" for w in args.net_workloads):
+            lines += [NET_TABLE_NOTE, ""]
         lines += network.config_tables(args.net_workloads, args.loops, net_stats, net_errors)
+        lines += network.mem_tables(args.net_workloads, args.loops, net_stats, net_errors)
         lines += network.ratio_tables(args.net_workloads, args.loops, net_stats)
         net_report = "\n".join(lines)
     print()
@@ -544,6 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average after: {load_after}")
 
     if args.write_results:
+        groups = inproc_chart_groups(args.workloads, args.loops, stats)
+        groups += network.chart_groups(args.net_workloads, args.loops, net_stats)
+        why = chart.write_chart(CHART, args.loops, groups, CHART_TITLE, CHART_CAPTION)
+        if why is None:
+            print(f"wrote {CHART}")
+        else:
+            print(f"run.py: no chart: {why}", file=sys.stderr)
         RESULTS.write_text(
             results_md(
                 args,
@@ -557,10 +585,39 @@ def main(argv: list[str] | None = None) -> int:
                 load_after,
                 started,
                 finished,
+                chart_written=why is None,
             )
         )
         print(f"wrote {RESULTS}")
     return 0
+
+
+CHART_TITLE = "Each loop relative to uvloop (= 1.0): higher is better"
+CHART_CAPTION = (
+    "Medians of this run (RESULTS.md has the numbers). In-process: uvloop's time ÷ the loop's "
+    "(wall time; CPU time for call_later). Echo and HTTP: the loop's requests/s ÷ uvloop's; "
+    "rows marked ‡ (CPU/req), where a load generator used > 90 % of its core in some loop's "
+    "cell: uvloop's server CPU per request ÷ the loop's. Memory: uvloop's bytes per idle "
+    "connection ÷ the loop's. n/a: the loop failed the workload or is unavailable (see the "
+    "tables). The plain-Rust ceilings are in the tables only."
+)
+
+
+def inproc_chart_groups(
+    workloads: list[str], loops: list[str], stats: dict[tuple[str, str], dict[str, float]]
+) -> list[chart.Group]:
+    """The chart's bar groups for the in-process workloads: uvloop's median time ÷ the loop's,
+    on each workload's ratio metric (wall time; CPU time for call_later)."""
+    groups = []
+    for w in workloads:
+        metric = RATIO_METRIC[w]
+        values = {
+            loop: stats[(w, loop)][f"{metric}_median"] if (w, loop) in stats else None
+            for loop in loops
+        }
+        label = w if metric == "wall" else f"{w} (CPU time)"
+        groups.append(chart.Group("in-process", label, chart.normalise(values, False)))
+    return groups
 
 
 NET_TABLE_NOTE = (
@@ -591,6 +648,7 @@ def results_md(
     load_after: str,
     started: dt.datetime,
     finished: dt.datetime,
+    chart_written: bool = False,
 ) -> str:
     uname = platform.uname()
     libc = " ".join(platform.libc_ver()) or "?"
@@ -637,6 +695,16 @@ def results_md(
         "Generated by `benchmarks/run.py --write-results`; see `benchmarks/README.md` for what "
         "each workload measures and how to run it.",
         "",
+        *(
+            [
+                f"![{CHART_TITLE}](results.png)",
+                "",
+                f"*{CHART_CAPTION}*",
+                "",
+            ]
+            if chart_written
+            else []
+        ),
         *(f"> **WARNING:** {w}" for w in warnings),
         "",
         "## Run",
@@ -708,6 +776,22 @@ def results_md(
             "temporary directory. Servers listen with backlog 1024 and read at most 65,536 "
             "bytes at a time (streams, sock).",
         ]
+        families = {network.NET_WORKLOADS[w].family for w in args.net_workloads}
+        if "http" in families:
+            lines.append(
+                f"- HTTP: `servers.py http` (httptools {dist_version('httptools')}) or `loadgen "
+                f"http-server`, loaded by {network.wrk_version()} (`-t1`, pinned like the load "
+                "generator); the driver reads the server's CPU time (`/proc/PID/stat`), wrk's "
+                "(`RUSAGE_CHILDREN`) and the machine's busy time around the measured wrk run "
+                "(see the HTTP note with the tables)."
+            )
+        if "mem" in families:
+            lines.append(
+                "- Memory: RSS (`VmRSS`) of a fresh `protocol` echo server (or `loadgen "
+                "echo-server`) before and after `loadgen idle` opened the connections (see the "
+                "memory note with the tables); no quiet-machine wait, since CPU load does not "
+                "change it."
+            )
     lines.append("")
     if inproc_report:
         lines += ["## In-process results (times in ms)", "", inproc_report]

@@ -1,4 +1,4 @@
-"""Echo servers for the network workloads, on an event loop chosen by name.
+"""Echo and HTTP servers for the network workloads, on an event loop chosen by name.
 
 ``run.py`` starts one server process per (workload, loop, repetition)::
 
@@ -13,7 +13,14 @@ KIND is how the echo is written, with ordinary asyncio code that runs unchanged 
   ``asyncio.start_server`` on import): ``await reader.read(65536)``, ``writer.write``,
   ``await writer.drain()``;
 - ``sock``: a listening socket and ``loop.sock_accept``, then per connection a task doing
-  ``await loop.sock_recv(conn, 65536)`` and ``await loop.sock_sendall(conn, data)``.
+  ``await loop.sock_recv(conn, 65536)`` and ``await loop.sock_sendall(conn, data)``;
+- ``http``: ``loop.create_server`` with an ``asyncio.Protocol`` that feeds what it receives
+  to an ``httptools.HttpRequestParser`` and answers every complete request, from
+  ``on_message_complete``, with the same small fixed ``200 OK`` (``HTTP_RESPONSE``; the
+  Rust ceiling ``loadgen http-server`` sends the same bytes). Responses are written as the
+  requests complete, so pipelined requests are answered in order; the connection stays open
+  unless the request asks to close it (``should_keep_alive``). httptools is imported only
+  for this kind.
 
 ADDR is ``tcp:HOST:PORT`` (port 0: any free port) or ``unix:/path``. With ``--tls-cert CERT
 --tls-key KEY`` the ``protocol`` and ``streams`` servers speak TLS (``ssl=`` an
@@ -23,9 +30,11 @@ created the same way as for the in-process workloads.
 
 Before anything else the process allocates and frees one 1 MiB block (``bytearray(1 << 20)``,
 then ``del``), the same for every loop, so glibc's dynamic mmap threshold is in its steady
-state. Once it accepts connections it prints ``LISTENING tcp:HOST:PORT`` (the real port) or
-``LISTENING unix:/path`` on stdout, then serves until it is killed. A failure before that
-prints ``ERROR <reason>`` and exits 1.
+state, and raises its soft RLIMIT_NOFILE to the hard limit (``mem_idle_*`` holds thousands of
+connections; a limit that is too low shows up as an error cell). Once it accepts
+connections it prints ``LISTENING tcp:HOST:PORT`` (the real port) or ``LISTENING unix:/path``
+on stdout, then serves until it is killed. A failure before that prints ``ERROR <reason>``
+and exits 1.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import socket
 import ssl
 import sys
@@ -46,9 +56,21 @@ from workloads import ALLOC_WARMUP_BYTES, LOOPS, _import_loop
 STDLIB_START_SERVER = asyncio.streams.start_server
 STDLIB_START_UNIX_SERVER = asyncio.streams.start_unix_server
 
-KINDS = ("protocol", "streams", "sock")
+KINDS = ("protocol", "streams", "sock", "http")
 READ_SIZE = 65536
 BACKLOG = 1024
+
+# The HTTP server's answer to every request; `loadgen http-server` sends the same bytes.
+HTTP_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Content-Length: 13\r\n"
+    b"Connection: keep-alive\r\n"
+    b"\r\n"
+    b"Hello, World!"
+)
+HTTP_RESPONSE_CLOSE = HTTP_RESPONSE.replace(b"keep-alive", b"close")
+HTTP_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -59,6 +81,42 @@ class EchoProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
+
+
+class HttpProtocol(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive and pipelining, parsed by httptools (C, llhttp).
+
+    Each complete request gets ``HTTP_RESPONSE`` from ``on_message_complete``, which the
+    parser calls in request order inside ``feed_data``: pipelined requests are answered in
+    order, one ``transport.write`` each, as a plain asyncio server would.
+    """
+
+    transport: asyncio.Transport
+
+    def __init__(self) -> None:
+        import httptools  # only the http kind needs it
+
+        self.errors = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+        self.parser = httptools.HttpRequestParser(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except self.errors:
+            self.transport.write(HTTP_BAD_REQUEST)
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.parser.should_keep_alive():
+            self.transport.write(HTTP_RESPONSE)
+        else:
+            self.transport.write(HTTP_RESPONSE_CLOSE)
+            self.transport.close()
 
 
 async def stream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,13 +193,16 @@ async def start(
         sock = listening_socket(family, where)
         task = loop.create_task(sock_accept_loop(loop, sock))
         return shown_addr(family, sock), (sock, task)
-    if kind == "protocol":
+    if kind in ("protocol", "http"):
+        if kind == "http":
+            import httptools  # noqa: F401  (missing: an error before LISTENING, not per connection)
+        factory = HttpProtocol if kind == "http" else EchoProtocol
         if family == "tcp":
             server = await loop.create_server(
-                EchoProtocol, where[0], where[1], backlog=BACKLOG, reuse_address=True, ssl=tls
+                factory, where[0], where[1], backlog=BACKLOG, reuse_address=True, ssl=tls
             )
         else:
-            server = await loop.create_unix_server(EchoProtocol, where, backlog=BACKLOG, ssl=tls)
+            server = await loop.create_unix_server(factory, where, backlog=BACKLOG, ssl=tls)
     elif kind == "streams":
         if family == "tcp":
             server = await STDLIB_START_SERVER(
@@ -161,10 +222,23 @@ def shown_addr(family: str, sock: Any) -> str:
     return f"unix:{name}"
 
 
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the memory workloads hold thousands of
+    connections, and the default soft limit (often 1,024) would make accept fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # the run's error cells will say which connection could not be accepted
+
+
 def main(argv: list[str] | None = None) -> int:
     # 1. allocator steady state, the same for every loop (as in workloads.measure)
     block = bytearray(ALLOC_WARMUP_BYTES)
     del block
+    raise_nofile()
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=KINDS)

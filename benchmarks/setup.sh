@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create benchmarks/.venv (git-ignored) with the event loops benchmarks/run.py compares:
-# uvloop, rloop and rsloop from PyPI, and ferroloop built (release) from this checkout.
+# uvloop, rloop and rsloop from PyPI, and ferroloop built (release) from this checkout; plus
+# httptools (the HTTP server of the http_* workloads) and matplotlib (run.py --write-results
+# draws benchmarks/results.png), and wrk (the HTTP load generator) with apt-get if it is missing.
 #
 #   benchmarks/setup.sh                   # everything (run.py calls this if the venv is missing)
 #   benchmarks/setup.sh --ferroloop-only  # just reinstall ferroloop (run.py does this when stale)
@@ -11,6 +13,8 @@
 # rsloop ships only an sdist whose rust-toolchain.toml wants a nightly; it is built with the
 # stable toolchain in nightly-feature mode. If that fails, the log is kept in
 # benchmarks/.venv/rsloop-install.failed, setup goes on, and run.py marks rsloop unavailable.
+# If wrk cannot be installed (no apt-get, not root and no passwordless sudo), setup goes on
+# and the http_* workloads become error cells saying so.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -35,9 +39,31 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip)
 
+# wrk from the distribution (Debian/Ubuntu: apt-get install wrk), as root or with sudo -n.
+install_wrk() {
+    local sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null && sudo -n true 2>/dev/null || return 1
+        sudo=(sudo -n)
+    fi
+    command -v apt-get >/dev/null || return 1
+    "${sudo[@]}" apt-get install -y -qq wrk >/dev/null 2>&1 && return 0
+    "${sudo[@]}" apt-get update -qq >/dev/null 2>&1 && "${sudo[@]}" apt-get install -y -qq wrk >/dev/null 2>&1
+}
+
 if [ "$only_ferroloop" = 0 ]; then
-    echo "setup.sh: installing uvloop, rloop"
-    "${pip[@]}" install -q uvloop rloop
+    echo "setup.sh: installing uvloop, rloop, httptools, matplotlib"
+    "${pip[@]}" install -q uvloop rloop httptools matplotlib
+
+    if ! command -v wrk >/dev/null; then
+        echo "setup.sh: installing wrk (apt-get install wrk)"
+        if install_wrk && command -v wrk >/dev/null; then
+            echo "setup.sh: $(wrk -v 2>&1 | head -n 1 | sed 's/ Copyright.*//')"
+        else
+            echo "setup.sh: could not install wrk (needs apt-get and root or sudo -n); the" \
+                "http_* workloads will be error cells until it is on PATH" >&2
+        fi
+    fi
 
     echo "setup.sh: installing rsloop (builds from source, a few minutes)"
     rm -f "$venv/rsloop-install.failed"
@@ -57,7 +83,7 @@ echo "setup.sh: installing ferroloop from $root (release build)"
 
 "$venv/bin/python" - <<'EOF'
 import importlib.metadata as md
-for name in ("uvloop", "rloop", "rsloop", "ferroloop"):
+for name in ("uvloop", "rloop", "rsloop", "ferroloop", "httptools", "matplotlib"):
     try:
         print(f"setup.sh: {name} {md.version(name)}")
     except md.PackageNotFoundError:

@@ -1,10 +1,12 @@
-//! `loadgen`: the load generator and the plain-Rust echo server of ferroloop's network
-//! benchmarks (`benchmarks/run.py` drives both; see `benchmarks/README.md`).
+//! `loadgen`: the load generator and the plain-Rust servers (the ceilings) of ferroloop's
+//! network benchmarks (`benchmarks/run.py` drives them; see `benchmarks/README.md`).
 //!
 //! ```text
 //! loadgen client --addr tcp:127.0.0.1:PORT|unix:/path --conns N --size BYTES --duration SECS
 //!                [--warmup SECS] [--server-pid PID] [--tls CA.pem]
 //! loadgen echo-server --addr tcp:127.0.0.1:PORT|unix:/path [--tls-cert CERT --tls-key KEY]
+//! loadgen http-server --addr tcp:127.0.0.1:PORT|unix:/path
+//! loadgen idle --addr tcp:127.0.0.1:PORT|unix:/path --conns N [--ping BYTES]
 //! ```
 //!
 //! `client` opens N connections and keeps exactly one message of SIZE bytes in flight on each:
@@ -23,10 +25,20 @@
 //! `echo-server` is the ceiling: the same echo without Python, single-threaded on epoll. It
 //! prints `LISTENING <addr>` (with the real port) once it accepts connections, then serves
 //! until it is killed; with `--tls-cert`/`--tls-key` it is the same echo over TLS (rustls).
+//! `http-server` is the HTTP ceiling, on the same loop: it finds each request head's end
+//! (`\r\n\r\n`; no bodies) and answers every request, in order, with the same fixed
+//! `200 OK` as the Python HTTP server, keeping the connection open. Both read into one buffer
+//! shared by all connections, so an idle connection costs no buffer.
+//!
+//! `idle` (the memory workloads) opens N connections one after another, each with one
+//! `--ping`-byte echo round trip (default 16, checked; 0: none), prints one JSON line once all
+//! are open, and holds them until its stdin is closed or a signal ends it. The servers and
+//! `idle` raise their soft RLIMIT_NOFILE to the hard limit.
 
 use std::fmt::Write as _;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,9 +52,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Extra pattern bytes beyond the message size: message k starts at offset (k * 97) % 256.
 const PATTERN_SLACK: usize = 256;
-/// Size of the read buffer (client) and of each connection's buffer (echo server).
+/// Size of the client's read buffer.
 const BUF_SIZE: usize = 256 * 1024;
-const ECHO_BUF_SIZE: usize = 256 * 1024;
+/// Size of the servers' read buffer, one for all connections.
+const SERVER_BUF_SIZE: usize = 256 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // addresses and streams
@@ -267,7 +280,9 @@ fn server_tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 const USAGE: &str = "usage:
   loadgen client --addr tcp:HOST:PORT|unix:/path --conns N --size BYTES --duration SECS
                  [--warmup SECS] [--server-pid PID] [--tls CA_CERT.pem]
-  loadgen echo-server --addr tcp:HOST:PORT|unix:/path [--tls-cert CERT.pem --tls-key KEY.pem]";
+  loadgen echo-server --addr tcp:HOST:PORT|unix:/path [--tls-cert CERT.pem --tls-key KEY.pem]
+  loadgen http-server --addr tcp:HOST:PORT|unix:/path
+  loadgen idle --addr tcp:HOST:PORT|unix:/path --conns N [--ping BYTES]";
 
 struct ClientOpts {
     addr: Addr,
@@ -680,58 +695,197 @@ fn client(opts: &ClientOpts) -> Result<String, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// the plain-Rust echo server (the ceiling)
+// the plain-Rust servers (the ceilings): echo and HTTP
 // ---------------------------------------------------------------------------------------------
+
+/// The HTTP ceiling's answer to every request: the same bytes as `HTTP_RESPONSE` in
+/// `benchmarks/servers.py`.
+const HTTP_RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
+Connection: keep-alive\r\n\r\nHello, World!";
+/// The most bytes an unfinished request head may take before the connection is dropped.
+const HTTP_MAX_HEAD: usize = 64 * 1024;
+
+#[derive(Clone, Copy)]
+enum ServeMode {
+    Echo,
+    Http,
+}
 
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
 
-struct EchoConn {
+/// A connection's own state. The servers read into one buffer shared by every connection, so
+/// an idle connection holds no buffer (what `mem_idle_*` measures): only the bytes a full
+/// socket did not take (`pending`), and for HTTP an unfinished request head (`partial`).
+struct ServerConn {
     stream: Stream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    pending: Vec<u8>,
+    sent: usize,
+    partial: Vec<u8>,
 }
 
-/// Echoes after an event (edge-triggered): flushes what is pending, then while `readable`
-/// reads (until a short read or EAGAIN) and writes it back. Stops reading while the socket
-/// is full (back-pressure: the rest is read after the writable edge). Returns Ok(false) when
-/// the peer has closed.
-fn echo(c: &mut EchoConn, mut readable: bool) -> io::Result<bool> {
+/// Writes `data`, keeping whatever a full socket does not take in `c.pending`; Ok(false) if
+/// some was kept (stop reading until the writable edge).
+fn write_or_keep(c: &mut ServerConn, data: &[u8]) -> io::Result<bool> {
+    let mut off = 0;
+    while off < data.len() {
+        match c.stream.write(&data[off..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                c.pending.extend_from_slice(&data[off..]);
+                c.sent = 0;
+                return Ok(false);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Sends what a full socket left in `c.pending`. Ok(true) once nothing is pending (the
+/// buffer is freed), Ok(false) if the socket filled up again.
+fn flush_pending(c: &mut ServerConn) -> io::Result<bool> {
+    c.stream.flush()?;
+    while c.sent < c.pending.len() {
+        match c.stream.write(&c.pending[c.sent..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => c.sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !c.pending.is_empty() {
+        c.pending = Vec::new();
+        c.sent = 0;
+    }
+    Ok(true)
+}
+
+/// Reads into the shared `buf` (edge-triggered: until a short read or EAGAIN) and hands each
+/// chunk to `answer`. Pending output goes first; while the socket is full nothing is read (the
+/// rest comes after the writable edge: reading resumes then even without a new readable
+/// edge, since data may have arrived meanwhile). Ok(false) when the peer has closed.
+fn serve_conn(
+    c: &mut ServerConn,
+    buf: &mut [u8],
+    mut readable: bool,
+    mut answer: impl FnMut(&mut ServerConn, &[u8]) -> io::Result<bool>,
+) -> io::Result<bool> {
     let drains = c.stream.short_read_drains();
     readable |= !drains;
-    c.stream.flush()?;
-    loop {
-        while c.start < c.end {
-            match c.stream.write(&c.buf[c.start..c.end]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => c.start += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if !readable {
-            return Ok(true);
-        }
-        match c.stream.read(&mut c.buf) {
+    let had_pending = !c.pending.is_empty();
+    if !flush_pending(c)? {
+        return Ok(true);
+    }
+    readable |= had_pending;
+    while readable {
+        match c.stream.read(buf) {
             Ok(0) => return Ok(false),
             Ok(n) => {
-                c.start = 0;
-                c.end = n;
-                readable = n == c.buf.len() || !drains;
+                readable = n == buf.len() || !drains;
+                if !answer(c, &buf[..n])? {
+                    return Ok(true);
+                }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => readable = false,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+    Ok(true)
 }
 
-fn echo_server(addr: &Addr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<(), String> {
+/// The number of complete request heads in `data` (each ends with an empty line) and the
+/// length of the unfinished tail after the last one. No bodies: the load has none.
+fn count_requests(data: &[u8]) -> (usize, usize) {
+    let (mut count, mut start, mut i) = (0, 0, 0);
+    while i + 4 <= data.len() {
+        match data[i + 3] {
+            b'\n' if &data[i..i + 4] == b"\r\n\r\n" => {
+                count += 1;
+                i += 4;
+                start = i;
+            }
+            b'\n' | b'\r' => i += 1,
+            // no "\r\n\r\n" can contain byte i + 3: none starts before i + 4
+            _ => i += 4,
+        }
+    }
+    (count, data.len() - start)
+}
+
+/// HTTP: one `HTTP_RESPONSE` per complete request head in `data`, in order (pipelining).
+fn http_answer(c: &mut ServerConn, data: &[u8], out: &mut Vec<u8>) -> io::Result<bool> {
+    let requests = if c.partial.is_empty() {
+        let (count, tail) = count_requests(data);
+        c.partial.extend_from_slice(&data[data.len() - tail..]);
+        count
+    } else {
+        c.partial.extend_from_slice(data);
+        let (count, tail) = count_requests(&c.partial);
+        let done = c.partial.len() - tail;
+        c.partial.drain(..done);
+        count
+    };
+    if c.partial.len() > HTTP_MAX_HEAD {
+        return Err(io::Error::other("request head too large"));
+    }
+    if c.partial.is_empty() && c.partial.capacity() > 0 {
+        c.partial = Vec::new();
+    }
+    match requests {
+        0 => Ok(true),
+        1 => write_or_keep(c, HTTP_RESPONSE),
+        n => {
+            out.clear();
+            for _ in 0..n {
+                out.extend_from_slice(HTTP_RESPONSE);
+            }
+            write_or_keep(c, out)
+        }
+    }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit; an error if the hard limit is
+/// below `need` file descriptors.
+fn raise_nofile(need: usize) -> Result<(), String> {
+    // SAFETY: `rlimit` is plain old data; getrlimit only writes into the struct we pass.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable `rlimit`; RLIMIT_NOFILE is a valid resource.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(format!("getrlimit: {}", io::Error::last_os_error()));
+    }
+    if (lim.rlim_max as u128) < need as u128 {
+        return Err(format!(
+            "the hard RLIMIT_NOFILE is {}, below the {need} file descriptors needed: raise it \
+             (ulimit -Hn, /etc/security/limits.conf, systemd LimitNOFILE)",
+            lim.rlim_max
+        ));
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid `rlimit` with rlim_cur <= rlim_max.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(format!("setrlimit: {}", io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+fn serve(
+    addr: &Addr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mode: ServeMode,
+) -> Result<(), String> {
     const LISTENER: Token = Token(usize::MAX);
+    // As many connections as the hard limit allows (mem_idle_* opens thousands).
+    raise_nofile(0)?;
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let (mut listener, shown) = match addr {
         Addr::Tcp(a) => {
@@ -753,9 +907,11 @@ fn echo_server(addr: &Addr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<()
     println!("LISTENING {shown}");
     io::stdout().flush().map_err(|e| e.to_string())?;
 
-    let mut conns: Vec<Option<EchoConn>> = Vec::new();
+    let mut conns: Vec<Option<ServerConn>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; SERVER_BUF_SIZE];
+    let mut out: Vec<u8> = Vec::new();
     loop {
         match poll.poll(&mut events, None) {
             Ok(()) => {}
@@ -777,7 +933,7 @@ fn echo_server(addr: &Addr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<()
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            eprintln!("loadgen echo-server: accept: {e}");
+                            eprintln!("loadgen: accept: {e}");
                             break;
                         }
                     };
@@ -789,7 +945,7 @@ fn echo_server(addr: &Addr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<()
                                 conn: conn.into(),
                             })),
                             Err(e) => {
-                                eprintln!("loadgen echo-server: TLS: {e}");
+                                eprintln!("loadgen: TLS: {e}");
                                 continue;
                             }
                         },
@@ -798,11 +954,11 @@ fn echo_server(addr: &Addr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<()
                         conns.push(None);
                         conns.len() - 1
                     });
-                    let mut c = EchoConn {
+                    let mut c = ServerConn {
                         stream,
-                        buf: vec![0u8; ECHO_BUF_SIZE],
-                        start: 0,
-                        end: 0,
+                        pending: Vec::new(),
+                        sent: 0,
+                        partial: Vec::new(),
                     };
                     if c.stream.register(poll.registry(), Token(idx)).is_err() {
                         free.push(idx);
@@ -817,13 +973,115 @@ fn echo_server(addr: &Addr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<()
                 continue;
             };
             let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-            if !matches!(echo(c, readable), Ok(true)) {
+            let open = match mode {
+                ServeMode::Echo => serve_conn(c, &mut buf, readable, write_or_keep),
+                ServeMode::Http => serve_conn(c, &mut buf, readable, |c, data| {
+                    http_answer(c, data, &mut out)
+                }),
+            };
+            if !matches!(open, Ok(true)) {
                 c.stream.deregister(poll.registry());
                 conns[idx] = None;
                 free.push(idx);
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle connections (mem_idle_*)
+// ---------------------------------------------------------------------------------------------
+
+struct IdleOpts {
+    addr: Addr,
+    conns: usize,
+    ping: usize,
+}
+
+fn idle_opts(args: &[String]) -> Result<IdleOpts, String> {
+    let (mut addr, mut conns, mut ping) = (None, None, 16);
+    for (name, value) in parse_flags(args)? {
+        match name.as_str() {
+            "addr" => addr = Some(Addr::parse(&value)?),
+            "conns" => conns = Some(num::<usize>(&name, &value)?),
+            "ping" => ping = num::<usize>(&name, &value)?,
+            _ => return Err(format!("unknown option --{name}")),
+        }
+    }
+    let opts = IdleOpts {
+        addr: addr.ok_or("--addr is required")?,
+        conns: conns.ok_or("--conns is required")?,
+        ping,
+    };
+    if opts.conns == 0 {
+        return Err("--conns must be positive".into());
+    }
+    Ok(opts)
+}
+
+/// Sends `msg` and reads it back, checked (blocking, with the socket's timeouts).
+fn round_trip(s: &mut (impl Read + Write), msg: &[u8]) -> io::Result<()> {
+    if msg.is_empty() {
+        return Ok(());
+    }
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+/// Opens the connections one after another, each with a `ping`-byte echo round trip (so the
+/// server has accepted it and set up its per-connection state before the next one opens: the
+/// accept queue never overflows), prints one JSON line once all are open, then holds them
+/// until stdin is closed (or a signal ends the process).
+fn idle(opts: &IdleOpts) -> Result<(), String> {
+    raise_nofile(opts.conns + 16)?;
+    let timeout = Some(Duration::from_secs(10));
+    let t0 = Instant::now();
+    let cpu0 = own_cpu_seconds();
+    let mut held = Vec::with_capacity(opts.conns);
+    for i in 0..opts.conns {
+        let msg = pattern(i as u64 + 1, opts.ping);
+        let conn = match &opts.addr {
+            Addr::Tcp(a) => std::net::TcpStream::connect(a).and_then(|mut s| {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)?;
+                round_trip(&mut s, &msg)?;
+                Ok(OwnedFd::from(s))
+            }),
+            Addr::Unix(p) => std::os::unix::net::UnixStream::connect(p).and_then(|mut s| {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)?;
+                round_trip(&mut s, &msg)?;
+                Ok(OwnedFd::from(s))
+            }),
+        };
+        held.push(conn.map_err(|e| format!("connection {i} of {}: {e}", opts.conns))?);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    println!(
+        "{{\"mode\":\"idle\",\"conns\":{},\"ping\":{},\"established_s\":{elapsed:.6},\
+         \"client_cpu_s\":{:.6}}}",
+        held.len(),
+        opts.ping,
+        own_cpu_seconds() - cpu0
+    );
+    io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut sink = [0u8; 256];
+    loop {
+        match io::stdin().read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(held);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -853,14 +1111,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        "echo-server" => {
+        "echo-server" | "http-server" => {
             let result = parse_flags(rest).and_then(|flags| {
                 let (mut addr, mut cert, mut key) = (None, None, None);
                 for (name, value) in flags {
                     match name.as_str() {
                         "addr" => addr = Some(Addr::parse(&value)?),
-                        "tls-cert" => cert = Some(PathBuf::from(value)),
-                        "tls-key" => key = Some(PathBuf::from(value)),
+                        "tls-cert" if mode == "echo-server" => cert = Some(PathBuf::from(value)),
+                        "tls-key" if mode == "echo-server" => key = Some(PathBuf::from(value)),
                         _ => return Err(format!("unknown option --{name}")),
                     }
                 }
@@ -869,16 +1127,28 @@ fn main() -> ExitCode {
                     (Some(c), Some(k)) => Some(server_tls_config(&c, &k)?),
                     _ => return Err("--tls-cert and --tls-key go together".into()),
                 };
-                echo_server(&addr.ok_or("--addr is required")?, tls)
+                let serve_mode = if mode == "echo-server" {
+                    ServeMode::Echo
+                } else {
+                    ServeMode::Http
+                };
+                serve(&addr.ok_or("--addr is required")?, tls, serve_mode)
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("loadgen echo-server: {e}");
+                    eprintln!("loadgen {mode}: {e}");
                     ExitCode::from(1)
                 }
             }
         }
+        "idle" => match idle_opts(rest).and_then(|o| idle(&o)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("{{\"error\":{}}}", json_str(&e));
+                ExitCode::from(1)
+            }
+        },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
