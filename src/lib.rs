@@ -41,6 +41,7 @@ pub mod sockaddr;
 pub mod stream;
 pub mod sync;
 pub mod timers;
+pub mod tls;
 pub mod transport;
 pub mod udp;
 
@@ -50,6 +51,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     m.add_class::<sock::SockOp>()?;
+    m.add_class::<tls::TlsProtocol>()?;
     m.add_function(wrap_pyfunction!(dns::resolve_in_pool, m)?)?;
     // Benchmarks refuse to measure a debug build.
     m.add(

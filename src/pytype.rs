@@ -298,7 +298,10 @@ unsafe extern "C" fn tp_clear<S: NativeState>(obj: *mut ffi::PyObject) -> c_int 
             }
         }
         if let Some(s) = (*field(obj, STATE_FROM_END) as *const S).as_ref() {
-            let _ = catch_unwind(AssertUnwindSafe(|| s.clear(py)));
+            // `attach`: see tp_dealloc.
+            Python::attach(|_| {
+                let _ = catch_unwind(AssertUnwindSafe(|| s.clear(py)));
+            });
         }
     }
     0
@@ -344,7 +347,9 @@ unsafe extern "C" fn tp_dealloc<S: NativeState>(obj: *mut ffi::PyObject) {
         }
         let state = std::mem::replace(&mut *field(obj, STATE_FROM_END), ptr::null_mut());
         if !state.is_null() {
-            drop(Box::from_raw(state.cast::<S>()));
+            // Inside `attach`, so the state's Python references are released now: outside
+            // any PyO3 call, PyO3 would only queue them until its next entry.
+            Python::attach(|_| drop(Box::from_raw(state.cast::<S>())));
         }
         let free = (*tp).tp_free.expect("heap types have tp_free");
         free(obj.cast());

@@ -236,6 +236,13 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     if data.as_bytes().is_empty() {
         return on_eof(obj, st, &protocol);
     }
+    // The native TLS protocol is fed directly (it is the stdlib's buffered SSLProtocol,
+    // hence the buffer_updated message).
+    if let Ok(tls) = protocol.cast::<crate::tls::TlsProtocol>() {
+        let r = crate::tls::feed(tls, &data).map(|()| py.None().into_bound(py));
+        const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
+        return protocol_call(obj, st, r, FAILED).map(drop);
+    }
     let r = protocol.call_method1(intern!(py, "data_received"), (data,));
     protocol_call(
         obj,

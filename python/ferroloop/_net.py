@@ -7,9 +7,10 @@ transport the core builds with ``loop._make_socket_transport(sock, protocol, wai
 extra, server)``, which owns the socket from then on (it closes it when the connection is
 lost), schedules ``protocol.connection_made``, starts reading and then settles ``waiter``.
 
-TLS is the stdlib's ``asyncio.sslproto.SSLProtocol`` between the socket transport and the
-application protocol, exactly as in the stdlib loop; the application sees
-``ssl_protocol._app_transport``.
+TLS is ferroloop's native ``SSLProtocol`` (``src/tls.rs``, the stdlib's
+``asyncio.sslproto.SSLProtocol`` in Rust, driving the same ``ssl.SSLContext`` objects) between
+the socket transport and the application protocol, as in the stdlib loop; the application
+sees ``ssl_protocol._get_app_transport()``, an ``asyncio.Transport``.
 
 The semantics, error messages included, are asyncio's (``base_events``,
 ``selector_events``, ``unix_events``) of Python 3.11, plus the API the later versions added:
@@ -27,9 +28,10 @@ import socket
 import stat
 import sys
 import weakref
-from asyncio import base_events, constants, exceptions, sslproto, staggered, tasks, trsock
+from asyncio import base_events, constants, exceptions, staggered, tasks, transports, trsock
 from asyncio.log import logger
 
+from ._ferroloop import SSLProtocol
 from ._server import Server
 from ._sock import _check_ssl_socket, _HAS_IPv6
 
@@ -93,6 +95,30 @@ def _bind_error(exc, address):
     return OSError(exc.errno, f"error while attempting to bind on address {address!r}: {reason}")
 
 
+class _SendfileFallbackProtocol(base_events._SendfileFallbackProtocol):
+    """asyncio's sendfile fallback protocol, for any flow-controlled transport.
+
+    The stdlib's insists on a ``transports._FlowControlMixin`` instance; ferroloop's TLS
+    transport has the same flow-control surface (``_protocol_paused``, ``_loop``,
+    ``pause_reading``/``resume_reading``, ``set_protocol``) without deriving from it.
+    """
+
+    def __init__(self, transp):
+        if isinstance(transp, transports._FlowControlMixin) or hasattr(transp, "_protocol_paused"):
+            self._transport = transp
+            self._proto = transp.get_protocol()
+            self._should_resume_reading = transp.is_reading()
+            self._should_resume_writing = transp._protocol_paused
+            transp.pause_reading()
+            transp.set_protocol(self)
+            if self._should_resume_writing:
+                self._write_ready_fut = self._transport._loop.create_future()
+            else:
+                self._write_ready_fut = None
+        else:
+            super().__init__(transp)
+
+
 class NetMixin:
     """Streams for ``ferroloop.Loop``: TCP and Unix connections and servers, TLS, sendfile.
 
@@ -121,8 +147,8 @@ class NetMixin:
         ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
         call_connection_made=True,
     ):
-        """A TLS transport over ``rawsock``: the stdlib's SSLProtocol on a socket transport."""
-        ssl_protocol = sslproto.SSLProtocol(
+        """A TLS transport over ``rawsock``: the native SSLProtocol on a socket transport."""
+        ssl_protocol = SSLProtocol(
             self,
             protocol,
             sslcontext,
@@ -133,8 +159,9 @@ class NetMixin:
             ssl_shutdown_timeout=ssl_shutdown_timeout,
             call_connection_made=call_connection_made,
         )
+        app_transport = ssl_protocol._get_app_transport()
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
-        return ssl_protocol._app_transport
+        return app_transport
 
     async def _create_connection_transport(
         self,
@@ -812,7 +839,7 @@ class NetMixin:
             raise TypeError(f"transport {transport!r} is not supported by start_tls()")
 
         waiter = self.create_future()
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = SSLProtocol(
             self,
             protocol,
             sslcontext,
@@ -823,6 +850,7 @@ class NetMixin:
             ssl_shutdown_timeout=ssl_shutdown_timeout,
             call_connection_made=False,
         )
+        app_transport = ssl_protocol._get_app_transport()
         # Stop reading before switching protocols, so that no data reaches the TLS
         # protocol before its connection_made().
         transport.pause_reading()
@@ -836,7 +864,7 @@ class NetMixin:
             conmade_cb.cancel()
             resume_cb.cancel()
             raise
-        return ssl_protocol._app_transport
+        return app_transport
 
     # -- sendfile ---------------------------------------------------------------------------
 
@@ -922,7 +950,7 @@ class NetMixin:
         asyncio's own fallback protocol, as in the stdlib loop.
         """
         if getattr(transp, "_make_empty_waiter", None) is None:
-            proto = base_events._SendfileFallbackProtocol(transp)
+            proto = _SendfileFallbackProtocol(transp)
             return proto.drain, proto.restore
 
         resume_reading = transp.is_reading()
