@@ -229,12 +229,6 @@ pub(crate) fn read_bytes<'py>(
     })
 }
 
-/// Runs `f` on the first `len` bytes of the loop thread's read buffer; None if `len` is
-/// larger than the buffer.
-pub(crate) fn with_read_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-    READ_BUF.with_borrow_mut(|buf| buf.get_mut(..len).map(f))
-}
-
 /// One `recv` (sockets) or `read` (pipes) into `len` bytes at `buf`.
 pub(crate) fn read_into(fd: RawFd, buf: *mut u8, len: usize, socket: bool) -> io::Result<usize> {
     // SAFETY: `buf` points to `len` writable bytes.

@@ -425,22 +425,16 @@ extern "C" {
     fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> libc::c_int;
 }
 
-/// `sock.recv(max)`: up to `max` bytes as `bytes`. Small reads go through the loop
-/// thread's read buffer and are copied out at their exact size, so a `recv(65536)` that
-/// gets 1 KiB costs a 1 KiB allocation, not a 64 KiB one shrunk afterwards.
+/// `sock.recv(max)`: up to `max` bytes as `bytes`, read straight into a fresh bytes
+/// object that is then shrunk, as the socket module does. (Reading into a shared buffer
+/// and copying out was measured worse: the extra copy of large reads, and an allocation
+/// pattern that made glibc trim and regrow its heap — three times the page faults.)
 fn recv_bytes<'py>(
     py: Python<'py>,
     fd: RawFd,
     max: usize,
-    mut peer: Option<&mut SockAddr>,
+    peer: Option<&mut SockAddr>,
 ) -> std::io::Result<Bound<'py, PyBytes>> {
-    if let Some(res) = crate::iobuf::with_read_buf(max, |buf| {
-        recv(fd, buf.as_mut_ptr(), buf.len(), peer.as_deref_mut())
-            .map(|n| PyBytes::new(py, &buf[..n]))
-    }) {
-        return res;
-    }
-    // Larger than the shared buffer: read straight into a bytes object, then shrink it.
     let Ok(len) = ffi::Py_ssize_t::try_from(max) else {
         return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
     };
@@ -449,6 +443,7 @@ fn recv_bytes<'py>(
     unsafe {
         let mut obj = ffi::PyBytes_FromStringAndSize(std::ptr::null(), len);
         if obj.is_null() {
+            PyErr::fetch(py); // the MemoryError, reported as ENOMEM like a failed shrink
             return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
         }
         match recv(fd, ffi::PyBytes_AsString(obj).cast(), max, peer) {
