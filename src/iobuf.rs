@@ -20,8 +20,11 @@ use crate::event_loop::LoopCore;
 use crate::pyhelpers::cached;
 use crate::pytype::{Args, Visit};
 
-/// Bytes asked of one `recv` (the stdlib's `max_size`).
-const MAX_READ: usize = 256 * 1024;
+/// Bytes asked of one `recv`/`read` (the stdlib's `max_size`).
+pub(crate) const MAX_READ: usize = 256 * 1024;
+/// Bytes asked of one `recv` for the stdlib's streams (`StreamReaderProtocol`): see
+/// [`read_bytes_up_to`].
+pub(crate) const STREAM_READER_READ: usize = 64 * 1024;
 /// Buffers handed to one `sendmsg`.
 const MAX_IOV: usize = 64;
 
@@ -224,8 +227,45 @@ pub(crate) fn read_bytes<'py>(
     fd: RawFd,
     socket: bool,
 ) -> io::Result<Bound<'py, PyBytes>> {
+    read_bytes_up_to(py, fd, socket, MAX_READ)
+}
+
+/// [`read_bytes`] of at most `max` (≤ [`MAX_READ`]) bytes.
+///
+/// The stream transport reads at most [`STREAM_READER_READ`] (64 KiB) at a time for the
+/// stdlib's streams. `StreamReader.feed_data` extends a `bytearray` with each chunk and
+/// `read(n)` slices it (`bytes(buffer[:n])`, then `del buffer[:n]`, which copies what is
+/// left into a new block once it is under half the old one). Handed a whole 100 KiB
+/// message in one event, each connection's `bytearray` grows to a 100 KiB block that
+/// `read(65536)` frees again while 64 and 36 KiB slices come and go: blocks of three
+/// sizes best-fit into each other's holes, the heap keeps running out of 100 KiB holes
+/// and grows at the top, and once enough of the top is free again glibc trims it (`brk`
+/// down, from that `free`) only for the next `extend` to grow it and fault the pages
+/// back in: 0.35-0.5 `brk` calls and 16-25 page faults per 100 KiB echo with 100
+/// connections (with glibc's default thresholds, in a process that never freed a large
+/// block, already with 10). The exact-size `bytes` made here is not the cause: uvloop,
+/// which copies the same way, shows it too, and asyncio patched to copy 64 KiB reads
+/// does not. With 64 KiB reads the reader task slices each chunk off before the next
+/// one is read, the `bytearray` never outgrows one slice and the heap settles (0.01-0.1
+/// `brk` calls, 1-4 page faults per echo). Splitting a bigger read into 64 KiB
+/// `data_received` calls would not do: the `bytearray` takes all of them before the
+/// task runs. The cost: a message over 64 KiB takes one more loop iteration.
+///
+/// The stdlib's own reads do not show the trims once glibc's mmap threshold has grown
+/// past 256 KiB (the benchmarks' 1 MiB warm-up does that): `sock.recv(256 KiB)` mallocs
+/// 256 KiB and shrinks the block, presumably leaving the `bytearray` a free tail to grow
+/// into. Until the threshold has grown, every such read is an `mmap`, an `mremap` and a
+/// `munmap`, whatever the size of the data. Copies of what was read need no allocator
+/// state.
+pub(crate) fn read_bytes_up_to<'py>(
+    py: Python<'py>,
+    fd: RawFd,
+    socket: bool,
+    max: usize,
+) -> io::Result<Bound<'py, PyBytes>> {
     READ_BUF.with_borrow_mut(|buf| {
-        read_into(fd, buf.as_mut_ptr(), buf.len(), socket).map(|n| PyBytes::new(py, &buf[..n]))
+        let len = max.min(buf.len());
+        read_into(fd, buf.as_mut_ptr(), len, socket).map(|n| PyBytes::new(py, &buf[..n]))
     })
 }
 

@@ -22,16 +22,18 @@ use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple, PyType};
 
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, read_into, report_fatal,
-    schedule_connection_lost, warn_unclosed, would_block, write_vectored, RawBuffer, WriteBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes_up_to, read_into,
+    report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored, RawBuffer,
+    WriteBuffer, MAX_READ, STREAM_READER_READ,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
+use crate::sockaddr::SockAddr;
 use crate::transport::{self, Base, Transport};
 
 /// After this many writes to a lost connection, each one logs a warning.
@@ -40,11 +42,15 @@ pub(crate) struct Inner {
     base: Base,
     sock: Option<Py<PyAny>>,
     buffered_protocol: bool,
+    /// Bytes asked of one `recv` for a protocol that takes `bytes` (see [`read_mode`]).
+    read_max: usize,
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
     wbuf: WriteBuffer,
     eof: bool,
     empty_waiter: Option<Py<PyAny>>,
+    /// What the extra dict will hold, while `base.extra` is not built yet.
+    lazy: Option<LazyExtra>,
 }
 
 crate::deref_base!(Inner);
@@ -80,6 +86,9 @@ impl NativeState for Stream {
         if r == 0 {
             r = visit.opt(&g.extra);
         }
+        if let (0, Some(lazy)) = (r, &g.lazy) {
+            r = lazy.traverse(visit);
+        }
         if r == 0 {
             r = g.wbuf.traverse(visit);
         }
@@ -93,6 +102,7 @@ impl NativeState for Stream {
                 g.server.take(),
                 g.empty_waiter.take(),
                 g.extra.take(),
+                g.lazy.as_mut().map(LazyExtra::take_objects),
             ),
             Err(_) => return,
         };
@@ -109,7 +119,7 @@ impl NativeState for Stream {
         let (sock, fd, loop_, owner) = match state.lock() {
             Ok(mut g) => {
                 let fd = std::mem::replace(&mut g.fd, -1);
-                (g.sock.take(), fd, cl(py, &g.loop_), g.owner)
+                (g.take_sock(py), fd, cl(py, &g.loop_), g.owner)
             }
             Err(_) => return,
         };
@@ -151,6 +161,35 @@ static SET_RESULT_UNLESS_CANCELLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static TRANSPORT_SOCKET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SOCKET_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static STREAM_READER_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// How the transport reads for `protocol`: into the protocol's own buffer (a
+/// `BufferedProtocol`), or into `bytes` of at most how many bytes per `recv`: 64 KiB
+/// for the stdlib's streams (`StreamReaderProtocol`, whose `bytearray` buffer keeps the
+/// allocator churning when handed more than a reader's slice at once: see
+/// `iobuf::read_bytes_up_to`), the stdlib's 256 KiB for anything else.
+fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<(bool, usize)> {
+    let py = protocol.py();
+    let buffered = protocol.is_instance(cached(
+        py,
+        &BUFFERED_PROTOCOL,
+        "asyncio.protocols",
+        "BufferedProtocol",
+    )?)?;
+    let streams = !buffered
+        && protocol.is_instance(cached(
+            py,
+            &STREAM_READER_PROTOCOL,
+            "asyncio.streams",
+            "StreamReaderProtocol",
+        )?)?;
+    let read_max = if streams {
+        STREAM_READER_READ
+    } else {
+        MAX_READ
+    };
+    Ok((buffered, read_max))
+}
 
 fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on our fd.
@@ -215,19 +254,19 @@ fn protocol_call<'py>(
 
 fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     let py = obj.py();
-    let (fd, protocol, buffered) = {
+    let (fd, protocol, buffered, read_max) = {
         let g = st.lock()?;
         // Not registered any more (paused, closing, lost) while this event was queued:
         // the stdlib would have cancelled the reader handle.
         if g.conn_lost > 0 || !g.want_read || g.fd < 0 {
             return Ok(());
         }
-        (g.fd, g.protocol(py)?, g.buffered_protocol)
+        (g.fd, g.protocol(py)?, g.buffered_protocol, g.read_max)
     };
     if buffered {
         return read_into_protocol_buffer(obj, st, fd, &protocol);
     }
-    let read = read_bytes(py, fd, true);
+    let read = read_bytes_up_to(py, fd, true, read_max);
     let data = match read {
         Ok(d) => d,
         Err(e) if would_block(&e) => return Ok(()),
@@ -469,7 +508,7 @@ fn call_connection_lost(
             l.get().release_fd(fd, g.owner);
         }
         (
-            g.sock.take(),
+            g.take_sock(py),
             fd,
             g.loop_.take(),
             g.server.take(),
@@ -572,6 +611,338 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]
     transport::maybe_pause_protocol(obj, st)
 }
 
+// -- extra info ----------------------------------------------------------------------
+//
+// The stdlib builds a transport's extra dict in its constructor: `socket` (a
+// `TransportSocket`), `sockname` and `peername` (`getsockname()`/`getpeername()`, or the
+// `peername` the caller passed, as the server passes `accept()`'s address). For an idle
+// connection that is most of the transport's memory: a dict, a wrapper object and two
+// address tuples with their strings and ints. Here the addresses are read at the same
+// moment (so they are what the stdlib would report, even once the peer is gone or the
+// socket is closed) but kept in their raw kernel form, and the dict is built the first
+// time anything asks for one of those keys.
+
+/// `sockaddr_in6`, the longest address kept inline (`sockaddr_in` is 16 bytes).
+const INLINE_ADDR: usize = 28;
+
+/// One of the extra dict's addresses, not converted to a Python object yet.
+enum ExtraAddr {
+    /// The call failed: the stdlib reports None.
+    Failed,
+    /// A raw sockaddr of `len` bytes.
+    Inline { len: u8, bytes: [u8; INLINE_ADDR] },
+    /// A longer raw sockaddr (a Unix socket path).
+    Heap(Box<[u8]>),
+    /// The caller's own object, when its raw form would not convert back to an equal one.
+    Object(Py<PyAny>),
+}
+
+impl ExtraAddr {
+    fn from_raw(addr: &SockAddr) -> Self {
+        let (ptr, len) = addr.as_parts();
+        let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: `as_parts` gives the address; `len` bytes of its storage are in bounds.
+        let raw = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) };
+        if raw.len() <= INLINE_ADDR {
+            let mut bytes = [0u8; INLINE_ADDR];
+            bytes[..raw.len()].copy_from_slice(raw);
+            ExtraAddr::Inline {
+                len: raw.len() as u8,
+                bytes,
+            }
+        } else {
+            ExtraAddr::Heap(raw.into())
+        }
+    }
+
+    /// The object `sock.getsockname()`/`getpeername()` returned for this address.
+    fn to_python<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let raw: &[u8] = match self {
+            ExtraAddr::Failed => return Ok(py.None().into_bound(py)),
+            ExtraAddr::Object(o) => return Ok(o.bind(py).clone()),
+            ExtraAddr::Inline { len, bytes } => &bytes[..*len as usize],
+            ExtraAddr::Heap(b) => b,
+        };
+        let mut addr = SockAddr::empty();
+        let (ptr, len) = addr.as_mut_parts();
+        // SAFETY: `raw` came out of a SockAddr, so it fits in another one's storage.
+        unsafe {
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), ptr.cast::<u8>(), raw.len());
+            *len = raw.len() as libc::socklen_t;
+        }
+        addr.to_python(py)
+    }
+
+    /// The caller's `peername` on a socket of `family`: its raw form when that converts
+    /// back to an equal object of the same types (what the socket module made from the
+    /// same sockaddr), else the object itself.
+    fn given(family: i32, value: Bound<'_, PyAny>) -> PyResult<Self> {
+        let Some(raw) = SockAddr::from_python(family, &value) else {
+            return Ok(ExtraAddr::Object(value.unbind()));
+        };
+        let converted = ExtraAddr::from_raw(&raw);
+        // IPv4: `inet_pton` takes only the dotted quad `inet_ntop` writes, and the port
+        // is an exact int, so the round trip is exact. IPv6 text has other spellings and
+        // Unix paths str/bytes forms: compare.
+        if family == libc::AF_INET || converted.to_python(value.py())?.eq(&value)? {
+            Ok(converted)
+        } else {
+            Ok(ExtraAddr::Object(value.unbind()))
+        }
+    }
+}
+
+/// The extra dict's contents while it is not built.
+struct LazyExtra {
+    sockname: ExtraAddr,
+    peername: ExtraAddr,
+    /// `peername` came from the caller's `extra` (its key comes first, as in the stdlib).
+    peer_given: bool,
+    /// The socket once the transport has closed it: `TransportSocket` still wraps it.
+    closed_sock: Option<Py<PyAny>>,
+}
+
+impl LazyExtra {
+    fn traverse(&self, visit: &Visit) -> c_int {
+        let mut r = visit.opt(&self.closed_sock);
+        if let (0, ExtraAddr::Object(o)) = (r, &self.peername) {
+            r = visit.call(o);
+        }
+        r
+    }
+
+    /// The Python references, to be dropped by `tp_clear` (outside the lock).
+    fn take_objects(&mut self) -> (Option<Py<PyAny>>, ExtraAddr) {
+        let peer = match self.peername {
+            ExtraAddr::Object(_) => std::mem::replace(&mut self.peername, ExtraAddr::Failed),
+            _ => ExtraAddr::Failed,
+        };
+        (self.closed_sock.take(), peer)
+    }
+}
+
+/// What the stdlib would put in the extra dict, left unbuilt: the transport's own
+/// `extra` forms (none, or the accepted socket's `{'peername': addr}`) on TCP and Unix
+/// sockets. Anything else (more keys, other families) returns None and is built now.
+fn lazy_extra(fd: RawFd, extra: Option<&Bound<'_, PyAny>>) -> PyResult<Option<LazyExtra>> {
+    let given = match extra {
+        None => None,
+        Some(e) => {
+            let Ok(d) = e.cast::<PyDict>() else {
+                return Ok(None);
+            };
+            if !d.is_exact_instance_of::<PyDict>() || d.len() > 1 {
+                return Ok(None);
+            }
+            match d.len() {
+                0 => None,
+                _ => match d.get_item(intern!(e.py(), "peername"))? {
+                    Some(v) => Some(v),
+                    None => return Ok(None),
+                },
+            }
+        }
+    };
+    let Some(sockname) = socket_name(fd, false) else {
+        return Ok(None);
+    };
+    let family = addr_family(&sockname);
+    if !matches!(family, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX) {
+        return Ok(None);
+    }
+    let peer_given = given.is_some();
+    let peername = match given {
+        Some(v) => ExtraAddr::given(family, v)?,
+        None => socket_name(fd, true).map_or(ExtraAddr::Failed, |a| ExtraAddr::from_raw(&a)),
+    };
+    Ok(Some(LazyExtra {
+        sockname: ExtraAddr::from_raw(&sockname),
+        peername,
+        peer_given,
+        closed_sock: None,
+    }))
+}
+
+/// `getsockname` (or `getpeername`) of `fd`, None when it fails.
+fn socket_name(fd: RawFd, peer: bool) -> Option<SockAddr> {
+    let mut addr = SockAddr::empty();
+    let (ptr, len) = addr.as_mut_parts();
+    // SAFETY: `ptr`/`len` describe the address storage, valid for the call.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd, ptr, len)
+        } else {
+            libc::getsockname(fd, ptr, len)
+        }
+    };
+    (r == 0).then_some(addr)
+}
+
+fn addr_family(addr: &SockAddr) -> i32 {
+    let (ptr, len) = addr.as_parts();
+    if (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        return libc::AF_UNSPEC;
+    }
+    // SAFETY: every sockaddr starts with its family.
+    i32::from(unsafe { (*ptr).sa_family })
+}
+
+/// The stdlib's constructor-time extra dict: the caller's `extra`, then `socket`,
+/// `sockname` and (unless given) `peername`.
+fn eager_extra<'py>(
+    sock: &Bound<'py, PyAny>,
+    extra: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let py = sock.py();
+    let extra_dict = PyDict::new(py);
+    if let Some(e) = extra {
+        extra_dict.update(e.cast::<pyo3::types::PyMapping>()?)?;
+    }
+    let tsock =
+        cached(py, &TRANSPORT_SOCKET, "asyncio.trsock", "TransportSocket")?.call1((sock,))?;
+    extra_dict.set_item("socket", tsock)?;
+    let os_error_type = py.get_type::<PyOSError>();
+    for (key, method) in [("sockname", "getsockname"), ("peername", "getpeername")] {
+        if key == "peername" && extra_dict.contains(key)? {
+            continue;
+        }
+        match sock.call_method0(method) {
+            Ok(v) => extra_dict.set_item(key, v)?,
+            Err(e) if e.is_instance(py, &os_error_type) => extra_dict.set_item(key, py.None())?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(extra_dict)
+}
+
+impl Inner {
+    /// Takes the socket to close it, keeping a reference for the extra dict's
+    /// `TransportSocket` if that is not built yet.
+    fn take_sock(&mut self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let sock = self.sock.take();
+        if let Some(lazy) = self.lazy.as_mut() {
+            lazy.closed_sock = cl(py, &sock);
+        }
+        sock
+    }
+}
+
+/// The transport's extra dict, built now if it was left for later.
+fn extra_dict<'py>(obj: &Bound<'py, PyAny>, st: &Stream) -> PyResult<Bound<'py, PyDict>> {
+    let py = obj.py();
+    let (sock, sockname, peername, peer_given) = {
+        let g = st.lock()?;
+        if let Some(d) = &g.extra {
+            return Ok(d.bind(py).clone());
+        }
+        match &g.lazy {
+            Some(lazy) => (
+                cl(py, &g.sock).or_else(|| cl(py, &lazy.closed_sock)),
+                lazy.sockname.to_python(py)?,
+                lazy.peername.to_python(py)?,
+                lazy.peer_given,
+            ),
+            // Cleared by the collector: nothing left to report.
+            None => (
+                None,
+                py.None().into_bound(py),
+                py.None().into_bound(py),
+                false,
+            ),
+        }
+    };
+    let d = PyDict::new(py);
+    if peer_given {
+        d.set_item(intern!(py, "peername"), &peername)?;
+    }
+    if let Some(sock) = sock {
+        let tsock =
+            cached(py, &TRANSPORT_SOCKET, "asyncio.trsock", "TransportSocket")?.call1((sock,))?;
+        d.set_item(intern!(py, "socket"), tsock)?;
+    }
+    d.set_item(intern!(py, "sockname"), sockname)?;
+    if !peer_given {
+        d.set_item(intern!(py, "peername"), peername)?;
+    }
+    let (d, lazy) = {
+        let mut g = st.lock()?;
+        match &g.extra {
+            Some(built) => (built.bind(py).clone(), None),
+            None => {
+                g.extra = Some(d.clone().unbind());
+                (d, g.lazy.take())
+            }
+        }
+    };
+    drop(lazy);
+    Ok(d)
+}
+
+/// `get_extra_info(name, default=None)`: only `socket`, `sockname` and `peername` (or a
+/// name that is not a plain str, which the dict must answer) build the dict; any other
+/// name of a transport whose dict is not built yet is not in it.
+fn m_get_extra_info(
+    obj: &Bound<'_, PyAny>,
+    st: &Stream,
+    args: &Args<'_, '_>,
+) -> PyResult<Py<PyAny>> {
+    let py = obj.py();
+    let [name, default] = args.parse("get_extra_info", ["name", "default"], 1)?;
+    let name = name.expect("required");
+    let default = default.map_or_else(|| none(py), Bound::unbind);
+    let built = cl(py, &st.lock()?.extra);
+    let d = match built {
+        Some(d) => d.into_bound(py),
+        None => {
+            if let Ok(s) = name.cast::<PyString>() {
+                if s.is_exact_instance_of::<PyString>()
+                    && !matches!(s.to_str()?, "socket" | "sockname" | "peername")
+                {
+                    return Ok(default);
+                }
+            }
+            extra_dict(obj, st)?
+        }
+    };
+    Ok(d.get_item(name)?.map_or(default, Bound::unbind))
+}
+
+/// `transport._extra`, the stdlib's attribute for the dict (built on first use).
+fn m_get_extra(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
+    args.none("_get_extra")?;
+    Ok(extra_dict(obj, st)?.into_any().unbind())
+}
+
+/// `transport._extra = d`: `d` (a dict) is what `get_extra_info` answers from then on.
+fn m_set_extra(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
+    let [value] = args.parse("_set_extra", ["value"], 1)?;
+    let value = value.expect("required");
+    let d = value.cast::<PyDict>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "transport._extra must be a dict, not '{}'",
+            value
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    let old = {
+        let mut g = st.lock()?;
+        (g.extra.replace(d.clone().unbind()), g.lazy.take())
+    };
+    drop(old);
+    Ok(none(obj.py()))
+}
+
+/// `del transport._extra`, refused: the transport always has the dict.
+fn m_del_extra(_obj: &Bound<'_, PyAny>, _st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
+    args.none("_del_extra")?;
+    Err(pyo3::exceptions::PyAttributeError::new_err(
+        "can't delete the transport's _extra",
+    ))
+}
+
 // -- methods -------------------------------------------------------------------------
 
 fn m_write(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
@@ -649,15 +1020,11 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> P
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let protocol = protocol.expect("required");
     let py = obj.py();
-    let buffered = protocol.is_instance(cached(
-        py,
-        &BUFFERED_PROTOCOL,
-        "asyncio.protocols",
-        "BufferedProtocol",
-    )?)?;
+    let (buffered, read_max) = read_mode(&protocol)?;
     let old = {
         let mut g = st.lock()?;
         g.buffered_protocol = buffered;
+        g.read_max = read_max;
         g.protocol_connected = true;
         g.protocol.replace(protocol.unbind())
     };
@@ -735,11 +1102,10 @@ crate::native_method!(
 );
 crate::native_method!(c_set_protocol, Stream, m_set_protocol);
 crate::native_method!(c_get_protocol, Stream, transport::m_get_protocol::<Stream>);
-crate::native_method!(
-    c_get_extra_info,
-    Stream,
-    transport::m_get_extra_info::<Stream>
-);
+crate::native_method!(c_get_extra_info, Stream, m_get_extra_info);
+crate::native_method!(c_get_extra, Stream, m_get_extra);
+crate::native_method!(c_set_extra, Stream, m_set_extra);
+crate::native_method!(c_del_extra, Stream, m_del_extra);
 crate::native_method!(
     c_set_write_buffer_limits,
     Stream,
@@ -877,6 +1243,21 @@ fn socket_transport_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
                     func: c_get_sock,
                     doc: c"The socket object, or None once closed.",
                 },
+                MethodSpec {
+                    name: c"_get_extra",
+                    func: c_get_extra,
+                    doc: c"The extra dict behind get_extra_info (built on first use).",
+                },
+                MethodSpec {
+                    name: c"_set_extra",
+                    func: c_set_extra,
+                    doc: c"Replace the extra dict behind get_extra_info.",
+                },
+                MethodSpec {
+                    name: c"_del_extra",
+                    func: c_del_extra,
+                    doc: c"Refused: the transport always has an extra dict.",
+                },
             ];
             let ty = pytype::create_type::<Stream>(
                 &base,
@@ -892,11 +1273,15 @@ fn socket_transport_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
                     .getattr("_SendfileMode")?
                     .getattr("TRY_NATIVE")?,
             )?;
+            let property = py.import("builtins")?.getattr("property")?;
+            b.setattr("_sock", property.call1((b.getattr("_get_sock")?,))?)?;
             b.setattr(
-                "_sock",
-                py.import("builtins")?
-                    .getattr("property")?
-                    .call1((b.getattr("_get_sock")?,))?,
+                "_extra",
+                property.call1((
+                    b.getattr("_get_extra")?,
+                    b.getattr("_set_extra")?,
+                    b.getattr("_del_extra")?,
+                ))?,
             )?;
             Ok::<_, PyErr>(ty)
         })
@@ -956,41 +1341,26 @@ pub fn new_socket_transport<'py>(
     if fd < 0 {
         return Err(PyValueError::new_err("socket is closed"));
     }
-    let extra_dict = PyDict::new(py);
-    if let Some(e) = extra.filter(|e| !e.is_none()) {
-        extra_dict.update(e.cast::<pyo3::types::PyMapping>()?)?;
-    }
-    let tsock =
-        cached(py, &TRANSPORT_SOCKET, "asyncio.trsock", "TransportSocket")?.call1((&sock,))?;
-    extra_dict.set_item("socket", tsock)?;
-    let os_error_type = py.get_type::<PyOSError>();
-    for (key, method) in [("sockname", "getsockname"), ("peername", "getpeername")] {
-        if key == "peername" && extra_dict.contains(key)? {
-            continue;
-        }
-        match sock.call_method0(method) {
-            Ok(v) => extra_dict.set_item(key, v)?,
-            Err(e) if e.is_instance(py, &os_error_type) => extra_dict.set_item(key, py.None())?,
-            Err(e) => return Err(e),
-        }
-    }
+    let extra = extra.filter(|e| !e.is_none());
+    let lazy = lazy_extra(fd, extra.as_ref())?;
+    let extra_dict = match lazy {
+        Some(_) => None,
+        None => Some(eager_extra(&sock, extra.as_ref())?.unbind()),
+    };
     set_nodelay(fd);
-    let buffered = protocol.is_instance(cached(
-        py,
-        &BUFFERED_PROTOCOL,
-        "asyncio.protocols",
-        "BufferedProtocol",
-    )?)?;
+    let (buffered, read_max) = read_mode(&protocol)?;
     let state = Stream {
         inner: Mutex::new(Inner {
-            base: Base::new(fd, dispatch, l, &protocol, extra_dict),
+            base: Base::with_extra(fd, dispatch, l, &protocol, extra_dict),
             sock: Some(sock.unbind()),
             buffered_protocol: buffered,
+            read_max,
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
             wbuf: WriteBuffer::default(),
             eof: false,
             empty_waiter: None,
+            lazy,
         }),
     };
     let obj = pytype::new_instance(socket_transport_type(py)?, state)?;

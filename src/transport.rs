@@ -51,6 +51,18 @@ impl Base {
         protocol: &Bound<'_, PyAny>,
         extra: Bound<'_, PyDict>,
     ) -> Self {
+        Self::with_extra(fd, dispatch, l, protocol, Some(extra.unbind()))
+    }
+
+    /// [`Base::new`] with the extra dict optional: a transport that builds it on first
+    /// use (see `stream.rs`) starts with none.
+    pub fn with_extra(
+        fd: RawFd,
+        dispatch: Dispatch,
+        l: &Bound<'_, LoopCore>,
+        protocol: &Bound<'_, PyAny>,
+        extra: Option<Py<PyDict>>,
+    ) -> Self {
         Self {
             fd,
             fileno: fd,
@@ -58,7 +70,7 @@ impl Base {
             dispatch,
             loop_: Some(l.clone().unbind()),
             protocol: Some(protocol.clone().unbind()),
-            extra: Some(extra.unbind()),
+            extra,
             closing: false,
             conn_lost: 0,
             flow: FlowControl::default(),

@@ -15,6 +15,9 @@ import os
 import resource
 import socket
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from netutil import (
@@ -114,6 +117,143 @@ def test_streams_echo_returns_every_byte_in_order(loop, tcp, size):
     assert_bytes_equal(received, payload)
     assert handled == size
     assert at_eof
+
+
+class SizeRecorder(Recorder):
+    """A Recorder that also keeps the size of every ``data_received`` chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def data_received(self, data):
+        self.sizes.append(len(data))
+        super().data_received(data)
+
+
+class SizeRecordingStreamReaderProtocol(asyncio.StreamReaderProtocol):
+    """The stdlib's streams protocol, keeping the size of every chunk it is handed."""
+
+    def __init__(self):
+        self.reader = asyncio.StreamReader(limit=16 * MiB)
+        super().__init__(self.reader)
+        self.sizes: list[int] = []
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport  # for the Session to close it
+        super().connection_made(transport)
+
+    def data_received(self, data):
+        self.sizes.append(len(data))
+        super().data_received(data)
+
+
+async def chunk_sizes_of_a_mib(net, factory):
+    """The sizes of the chunks a MiB arrives in when it waits in the kernel first."""
+    loop = asyncio.get_running_loop()
+    payload = pattern(1 * MiB)
+    transport, protocol, peer = await net.connect_raw_peer(factory)
+    transport.pause_reading()
+    sending = asyncio.ensure_future(loop.sock_sendall(peer, payload))
+    await asyncio.sleep(0.05)  # let the kernel queue more than one read's worth
+    transport.resume_reading()
+    await sending
+    while sum(protocol.sizes) < len(payload):
+        await asyncio.sleep(0.001)
+    return protocol.sizes
+
+
+@pytest.mark.ferroloop_only("the stdlib reads up to 256 KiB at once (max_size) for any protocol")
+def test_stdlib_streams_are_handed_at_most_64_kib_per_read(loop, tcp):
+    """A StreamReaderProtocol gets 64 KiB reads: the reader slices each chunk off before
+    the next one comes, instead of growing its bytearray (see iobuf.rs)."""
+
+    async def main():
+        async with Session(tcp) as net:
+            return await chunk_sizes_of_a_mib(net, SizeRecordingStreamReaderProtocol)
+
+    sizes = run(loop, main())
+    assert sum(sizes) == 1 * MiB
+    assert max(sizes) == 64 * KiB
+
+
+def test_other_protocols_are_handed_more_than_64_kib_per_read(loop, tcp):
+    async def main():
+        async with Session(tcp) as net:
+            return await chunk_sizes_of_a_mib(net, SizeRecorder)
+
+    sizes = run(loop, main())
+    assert sum(sizes) == 1 * MiB
+    assert 64 * KiB < max(sizes) <= 256 * KiB
+
+
+STREAMS_ECHO_SERVER = """
+import asyncio, sys
+block = bytearray(1 << 20)  # a long-running process's allocator: glibc's mmap and trim
+del block                   # thresholds grown to 1 and 2 MiB, as in the benchmarks
+
+async def echo(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+loop = new_loop()
+loop.run_until_complete(main())
+"""
+
+
+def minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.ferroloop_only("the stdlib's reads depend on glibc's mmap threshold")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/stat")
+def test_streams_echo_of_100_kib_messages_does_not_make_the_heap_shrink_and_regrow(
+    loop, loop_factory_code
+):
+    """The stdlib's streams on our transport, 50 connections echoing 100 KiB messages:
+    the server's heap settles. Whole messages handed to the StreamReader at once made
+    glibc trim the top of the heap and fault it back in, over 20 page faults per message;
+    with 64 KiB reads it is about 0-2."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", loop_factory_code + textwrap.dedent(STREAMS_ECHO_SERVER)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    size, conns, rounds = 100 * KiB, 50, 60
+    payload = pattern(size)
+
+    async def client(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(n):
+            writer.write(payload)
+            assert await reader.readexactly(size) == payload
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        await asyncio.gather(*(client(20) for _ in range(conns)))  # the heap's high water
+        before = minor_faults(server.pid)
+        await asyncio.gather(*(client(rounds) for _ in range(conns)))
+        return minor_faults(server.pid) - before
+
+    try:
+        port = int(server.stdout.readline())
+        faults = run(loop, main(), timeout=60)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=10)
+        server.stdout.close()
+    assert faults / (conns * rounds) < 8
 
 
 def test_echo_over_ipv6_loopback(loop):
@@ -991,6 +1131,177 @@ def test_get_extra_info_returns_default_for_unknown_keys(loop, tcp):
             )
 
     assert run(loop, main()) == (None, "fallback", True, True)
+
+
+def ipv6_endpoint():
+    """A TcpEndpoint on ::1, or a skip when this machine has no IPv6 loopback."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 support in this Python")
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+    return TcpEndpoint("::1", socket.AF_INET6)
+
+
+async def accepted_and_peer(net, ep):
+    """``(server-side transport, its protocol, the client's plain blocking socket)``."""
+    accepted = Accepting()
+    server = await net.serve(accepted)
+    peer = socket.create_connection(ep.address(server)[:2])
+    net.socks.append(peer)
+    srv = await accepted.next()
+    return srv.transport, srv, peer
+
+
+@pytest.mark.parametrize("side", ["accepted", "connected"])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_extra_info_peername_available_after_peer_closed(loop, tcp, side, family):
+    """The addresses are those the socket had when the transport was made.
+
+    Asked for the first time only after the peer reset the connection (``getpeername()``
+    fails by then) and again once the transport is closed, they are still reported, and
+    ``socket`` still wraps the (now closed) socket, as the stdlib's constructor-time dict
+    has them.
+    """
+    ep = tcp if family == "ipv4" else ipv6_endpoint()
+
+    async def main():
+        async with Session(ep) as net:
+            if side == "accepted":
+                transport, protocol, peer = await accepted_and_peer(net, ep)
+            else:
+                transport, protocol, peer = await net.connect_raw_peer()
+            expected = (peer.getsockname(), peer.getpeername())
+            transport.pause_reading()  # the reset goes unnoticed: the fd stays open
+            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+            reset(peer)
+            await asyncio.sleep(0.05)
+            with sock, pytest.raises(OSError) as gone:
+                sock.getpeername()
+            while_open = (
+                transport.get_extra_info("peername"),
+                transport.get_extra_info("sockname"),
+            )
+            transport.close()
+            await protocol.lost
+            after_close = (
+                transport.get_extra_info("peername"),
+                transport.get_extra_info("sockname"),
+                transport.get_extra_info("socket").fileno(),
+            )
+            return expected, gone.value.errno, while_open, after_close
+
+    expected, errno_gone, while_open, after_close = run(loop, main())
+    assert errno_gone == errno.ENOTCONN  # precondition: the kernel forgot the peer
+    assert while_open == expected
+    assert after_close == (*expected, -1)
+
+
+@pytest.mark.parametrize("side", ["accepted", "connected"])
+def test_extra_info_first_asked_after_close_is_the_constructor_time_info(loop, tcp, side):
+    """Nothing asked while connected: after ``connection_lost`` the addresses, the socket
+    (closed) and the dict (``_extra``, keys in the stdlib's order) are all there."""
+
+    async def main():
+        async with Session(tcp) as net:
+            if side == "accepted":
+                transport, protocol, peer = await accepted_and_peer(net, tcp)
+            else:
+                transport, protocol, peer = await net.connect_raw_peer()
+            expected = (peer.getsockname(), peer.getpeername())
+            peer.close()
+            await protocol.lost
+            extra = transport._extra
+            return expected, {
+                "keys": list(extra),
+                "peername": transport.get_extra_info("peername"),
+                "sockname": transport.get_extra_info("sockname"),
+                "socket fd": transport.get_extra_info("socket").fileno(),
+                "socket family": transport.get_extra_info("socket").family,
+                "same dict": transport._extra is extra,
+                "same objects": all(
+                    transport.get_extra_info(k) is extra[k] for k in ("peername", "sockname")
+                ),
+            }
+
+    expected, got = run(loop, main())
+    # The server's peername comes from accept() and is the caller's key, so it is first.
+    keys = (
+        ["peername", "socket", "sockname"]
+        if side == "accepted"
+        else ["socket", "sockname", "peername"]
+    )
+    assert got == {
+        "keys": keys,
+        "peername": expected[0],
+        "sockname": expected[1],
+        "socket fd": -1,
+        "socket family": socket.AF_INET,
+        "same dict": True,
+        "same objects": True,
+    }
+
+
+def test_extra_info_of_other_names_is_the_default_and_caller_extra_is_kept(loop, tcp):
+    """Names the transport does not provide give the default (before and after the dict
+    is built); ``extra`` passed to ``_make_socket_transport`` is in the dict as given."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with Session(tcp) as net:
+            listener = net.raw_listener()
+            client = socket.create_connection(listener.getsockname())
+            net.socks.append(client)
+            peer, _ = listener.accept()
+            net.socks.append(peer)
+            client.setblocking(False)
+            protocol = Recorder()
+            marker = object()
+            transport = loop._make_socket_transport(
+                client, protocol, extra={"custom": marker, "peername": "given"}
+            )
+            await protocol.made
+            plain_transport, _, _ = await net.connect_raw_peer()
+            out = (
+                plain_transport.get_extra_info("sslcontext"),
+                plain_transport.get_extra_info("nope", "fallback"),
+                plain_transport.get_extra_info("peername") is not None,
+                plain_transport.get_extra_info("nope", "fallback"),
+                transport.get_extra_info("custom") is marker,
+                transport.get_extra_info("peername"),
+                transport.get_extra_info("sockname") == client.getsockname(),
+                list(transport._extra),
+            )
+            transport.abort()
+            await protocol.lost
+            return out
+
+    assert run(loop, main()) == (
+        None,
+        "fallback",
+        True,
+        "fallback",
+        True,
+        "given",
+        True,
+        ["custom", "peername", "socket", "sockname"],
+    )
+
+
+def test_assigning_extra_replaces_what_get_extra_info_answers(loop, tcp):
+    async def main():
+        async with Session(tcp) as net:
+            transport, _, _ = await net.connect_raw_peer()
+            transport._extra = {"x": 1}
+            return (
+                transport.get_extra_info("x"),
+                transport.get_extra_info("peername", "gone"),
+                transport._extra,
+            )
+
+    assert run(loop, main()) == (1, "gone", {"x": 1})
 
 
 def test_transports_are_transport_instances_and_know_their_protocol(loop, tcp):

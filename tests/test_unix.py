@@ -210,6 +210,50 @@ def test_abstract_namespace_path_needs_no_file(loop, sock_dir):
     assert os.listdir(sock_dir) == []  # nothing was created on the file system
 
 
+@pytest.mark.parametrize("name", ["path", "abstract", "named-client"])
+def test_unix_extra_info_first_asked_after_close_is_the_constructor_time_info(loop, sock_dir, name):
+    """Nothing asked while connected: once both transports are closed, their names are
+    still the ones of construction time (str paths, '' for an unnamed client, bytes for
+    abstract names), in the stdlib's key order."""
+    if name == "abstract" and not sys.platform.startswith("linux"):
+        pytest.skip("abstract namespace is Linux")
+    if name == "abstract":
+        path = f"\0ferroloop-test-{os.getpid()}-{uuid.uuid4().hex}"
+        expected_server = path.encode()
+    else:
+        path = os.path.join(sock_dir, "server.sock")
+        expected_server = path
+    ep = UnixEndpoint(path)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with Session(ep) as net:
+            accepted = Accepting()
+            await net.serve(accepted)
+            if name == "named-client":
+                client_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client_sock.bind(os.path.join(sock_dir, "client.sock"))
+                client_sock.connect(path)
+                client_sock.setblocking(False)
+                transport, client = await loop.create_unix_connection(Recorder, sock=client_sock)
+            else:
+                transport, client = await net.connect(Recorder, path)
+            srv = await accepted.next()
+            transport.close()
+            await client.lost
+            await srv.lost
+            return [
+                (list(tr._extra), tr.get_extra_info("peername"), tr.get_extra_info("sockname"))
+                for tr in (transport, srv.transport)
+            ]
+
+    client_name = os.path.join(sock_dir, "client.sock") if name == "named-client" else ""
+    assert run(loop, main()) == [
+        (["socket", "sockname", "peername"], expected_server, client_name),
+        (["peername", "socket", "sockname"], client_name, expected_server),
+    ]
+
+
 def test_create_unix_server_removes_a_stale_socket_file(loop, unix, sock_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
         stale.bind(sock_path)  # closed without unlinking: a stale socket file remains

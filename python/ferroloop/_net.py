@@ -739,6 +739,12 @@ class NetMixin:
                 # reported, and a retry scheduled, once per backlog slot: once is enough.
                 return
             else:
+                if not sslcontext:
+                    # The next iteration, as the stdlib's task would run its first step.
+                    self.call_soon(
+                        self._accept_plain_connection, protocol_factory, conn, addr, server
+                    )
+                    continue
                 self.create_task(
                     self._accept_connection2(
                         protocol_factory,
@@ -750,6 +756,39 @@ class NetMixin:
                         ssl_shutdown_timeout,
                     )
                 )
+
+    def _accept_plain_connection(self, protocol_factory, conn, addr, server):
+        """Build the protocol and transport of one accepted plain (no TLS) connection.
+
+        What the stdlib's ``_accept_connection2`` task does, without the task: it only
+        awaits the transport's waiter (settled right after ``connection_made``) so that a
+        cancellation in between closes the transport. A task and its coroutine frame per
+        connection are most of what a burst of accepts allocates, and all of them are
+        alive at once (one accept callback takes up to ``backlog`` connections): after
+        the burst that memory stays with the process, in pools the long-lived objects of
+        the same connections keep partly used (about 2 KB per connection of the burst).
+        The callback runs in a copy of the context, one iteration after the accept, as the
+        task's first step would.
+        """
+        if server is not None and server._sockets is None:
+            conn.close()  # closed between accept() and now: refused, not served
+            return
+        protocol = None
+        try:
+            protocol = protocol_factory()
+            self._make_socket_transport(conn, protocol, extra={"peername": addr}, server=server)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            conn.close()  # no transport took the socket over
+            if self._debug:
+                context = {
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc,
+                }
+                if protocol is not None:
+                    context["protocol"] = protocol
+                self.call_exception_handler(context)
 
     def _resume_accepting(self, protocol_factory, sock, *args):
         # The server may have been closed while accepting was paused.
