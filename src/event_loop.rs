@@ -97,6 +97,25 @@ fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
         .ok_or_else(|| PyValueError::new_err(format!("Invalid file descriptor: {fd}")))
 }
 
+/// Runs `f` inside `context` (entered as `Context.run` would), or as is for None.
+fn in_context(
+    py: Python<'_>,
+    context: Option<&Py<PyAny>>,
+    f: impl FnOnce() -> PyResult<()>,
+) -> PyResult<()> {
+    let Some(ctx) = context else {
+        return f();
+    };
+    // SAFETY: `ctx` is a live contextvars.Context; enter and exit pair up on this thread.
+    if unsafe { pyo3::ffi::PyContext_Enter(ctx.as_ptr()) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let result = f();
+    // SAFETY: as above; exiting the context entered just before cannot fail.
+    unsafe { pyo3::ffi::PyContext_Exit(ctx.as_ptr()) };
+    result
+}
+
 impl LoopCore {
     fn sched(&self) -> MutexGuard<'_, Scheduler> {
         lock(&self.sched)
@@ -272,10 +291,12 @@ impl LoopCore {
                 }
                 Job::Io(ev) => {
                     let target = ev.target.bind(py);
+                    let run =
+                        || in_context(py, ev.context.as_ref(), || (ev.dispatch)(target, ev.write));
                     if debug {
-                        this.run_timed(slf, target, || (ev.dispatch)(target, ev.write))
+                        this.run_timed(slf, target, run)
                     } else {
-                        (ev.dispatch)(target, ev.write)
+                        run()
                     }
                 }
             };
@@ -349,10 +370,7 @@ impl LoopCore {
         read: bool,
         write: bool,
     ) -> PyResult<()> {
-        let old = self
-            .reactor
-            .set_native(fd, target, dispatch, read, write)
-            .map_err(os_error)?;
+        let old = self.reactor.set_native(fd, target, dispatch, read, write)?;
         drop(old);
         Ok(())
     }

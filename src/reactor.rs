@@ -31,6 +31,7 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 
+use crate::errors::os_error;
 use crate::handles::Handle;
 use crate::ready::Job;
 use crate::sync::lock;
@@ -41,6 +42,14 @@ pub const WAKER_TOKEN: u64 = u64::MAX;
 pub const SIGNAL_TOKEN: u64 = u64::MAX - 1;
 
 const MAX_EVENTS: usize = 1024;
+
+/// `contextvars.copy_context()`.
+fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    // SAFETY: a plain C-API call with the interpreter attached; it returns a new
+    // reference or NULL with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyContext_CopyCurrent()) }
+        .map(Bound::unbind)
+}
 
 /// Turns a libc `-1` return into the OS error.
 pub fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -60,6 +69,9 @@ pub struct IoEvent {
     pub target: Py<PyAny>,
     pub dispatch: Dispatch,
     pub write: bool,
+    /// The context the dispatch runs in: a transport's (whose protocol callbacks it
+    /// runs); None for a native waiter, which runs no user code.
+    pub context: Option<Py<PyAny>>,
 }
 
 struct Native {
@@ -67,6 +79,10 @@ struct Native {
     dispatch: Dispatch,
     read: bool,
     write: bool,
+    /// A copy of the context current when the fd was registered: what the stdlib's
+    /// reader/writer handle would have captured, so each connection's callbacks see
+    /// their own context variables.
+    context: Py<PyAny>,
 }
 
 /// What waits on one direction of an fd.
@@ -350,7 +366,8 @@ impl Reactor {
         dispatch: Dispatch,
         read: bool,
         write: bool,
-    ) -> io::Result<Option<Py<PyAny>>> {
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let py = target.py();
         let mut fds = lock(&self.fds);
         if !read && !write {
             let Some(entry) = fds.get_mut(&fd) else {
@@ -365,20 +382,26 @@ impl Reactor {
         }
         let entry = fds.entry(fd).or_default();
         if entry.reader.is_some() || entry.writer.is_some() {
-            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            return Err(os_error(io::Error::from_raw_os_error(libc::EBUSY)));
         }
+        // A registration keeps its context while its interest changes.
+        let context = match &entry.native {
+            Some(n) => n.context.clone_ref(py),
+            None => copy_context(py)?,
+        };
         let old = entry.native.replace(Native {
             target: target.clone().unbind(),
             dispatch,
             read,
             write,
+            context,
         });
         if let Err(e) = self.sync(fd, entry) {
             entry.native = old;
             if entry.is_idle() {
                 fds.remove(&fd);
             }
-            return Err(e);
+            return Err(os_error(e));
         }
         Ok(old.map(|n| n.target))
     }
@@ -524,6 +547,7 @@ impl Reactor {
                                         target: n.target.clone_ref(py),
                                         dispatch: n.dispatch,
                                         write,
+                                        context: Some(n.context.clone_ref(py)),
                                     }));
                                 }
                             }
@@ -547,6 +571,7 @@ impl Reactor {
                                         target: target.clone_ref(py),
                                         dispatch: *dispatch,
                                         write,
+                                        context: None,
                                     }))
                                 }
                                 None => {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextvars
 import errno
 import os
 import resource
@@ -1525,3 +1526,47 @@ def test_create_server_returns_a_serving_abstract_server(loop, tcp):
     state, serving_after_exit = run(loop, main())
     assert state == (True, True, True, [(socket.AF_INET, socket.SOCK_STREAM)])
     assert not serving_after_exit
+
+
+# --------------------------------------------------------------------------- contexts
+
+_CONN_VAR = contextvars.ContextVar("conn_var", default=None)
+
+
+def test_each_connection_receives_in_its_own_context(loop):
+    # The stdlib runs a connection's data_received through its own reader handle, i.e.
+    # in a copy of the context current when reading started: a ContextVar one connection
+    # sets is seen by its later callbacks, never by another connection's.
+    seen = []
+
+    class Tagging(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            seen.append((data, _CONN_VAR.get()))
+            if _CONN_VAR.get() is None:
+                _CONN_VAR.set(data)
+            self.transport.write(b"k")
+
+    async def main():
+        server = await loop.create_server(Tagging, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for round_ in range(2):
+            for i, (reader, writer) in enumerate(conns):
+                writer.write(b"%d-%d" % (i, round_))
+                assert await reader.readexactly(1) == b"k"
+        for _, writer in conns:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+    assert seen == [
+        (b"0-0", None),
+        (b"1-0", None),
+        (b"0-1", b"0-0"),
+        (b"1-1", b"1-0"),
+    ]
+    assert _CONN_VAR.get() is None
