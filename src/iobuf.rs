@@ -441,7 +441,19 @@ pub(crate) fn notify_flow(
     protocol: &Bound<'_, PyAny>,
     pause: bool,
 ) -> PyResult<()> {
-    let py = obj.py();
+    notify_flow_reporting(protocol, l.as_any(), obj, protocol, pause)
+}
+
+/// [`notify_flow`] calling `callee`'s method and naming `transport` and `protocol` in
+/// the error report (a TLS layer reports itself, not the application protocol it calls).
+pub(crate) fn notify_flow_reporting(
+    callee: &Bound<'_, PyAny>,
+    l: &Bound<'_, PyAny>,
+    transport: &Bound<'_, PyAny>,
+    protocol: &Bound<'_, PyAny>,
+    pause: bool,
+) -> PyResult<()> {
+    let py = callee.py();
     let (method, message) = if pause {
         (
             intern!(py, "pause_writing"),
@@ -453,14 +465,14 @@ pub(crate) fn notify_flow(
             "protocol.resume_writing() failed",
         )
     };
-    match protocol.call_method0(method) {
+    match callee.call_method0(method) {
         Ok(_) => Ok(()),
         Err(e) if is_exit(py, &e) => Err(e),
         Err(e) => {
             let ctx = PyDict::new(py);
             ctx.set_item("message", message)?;
             ctx.set_item("exception", e)?;
-            ctx.set_item("transport", obj)?;
+            ctx.set_item("transport", transport)?;
             ctx.set_item("protocol", protocol)?;
             l.call_method1(intern!(py, "call_exception_handler"), (ctx,))
                 .map(drop)

@@ -40,7 +40,9 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PySlice, PyType};
 use pyo3::{ffi, intern, PyTraverseError};
 
-use crate::iobuf::{cl, is_exit, lock_state, logger, none, py_bool, warn_unclosed, RawBuffer};
+use crate::iobuf::{
+    cl, is_exit, lock_state, logger, none, notify_flow_reporting, py_bool, warn_unclosed, RawBuffer,
+};
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 
@@ -876,32 +878,8 @@ fn control_app_writing(slf: &Bound<'_, TlsProtocol>, outgoing_empty: bool) -> Py
     let (pause, Some(app), app_t) = action else {
         return Ok(());
     };
-    let (method, message) = if pause {
-        (
-            intern!(py, "pause_writing"),
-            "protocol.pause_writing() failed",
-        )
-    } else {
-        (
-            intern!(py, "resume_writing"),
-            "protocol.resume_writing() failed",
-        )
-    };
-    match app.bind(py).call_method0(method) {
-        Ok(_) => Ok(()),
-        Err(e) if is_exit(py, &e) => Err(e),
-        Err(e) => {
-            let ctx = PyDict::new(py);
-            ctx.set_item("message", message)?;
-            ctx.set_item("exception", e.value(py))?;
-            ctx.set_item("transport", app_t)?;
-            ctx.set_item("protocol", slf)?;
-            p.loop_
-                .bind(py)
-                .call_method1(intern!(py, "call_exception_handler"), (ctx,))
-                .map(drop)
-        }
-    }
+    let app_t = app_t.map_or_else(|| py.None().into_bound(py), |t| t.into_bound(py));
+    notify_flow_reporting(app.bind(py), p.loop_.bind(py), &app_t, slf.as_any(), pause)
 }
 
 // -- incoming flow --------------------------------------------------------------------
