@@ -266,6 +266,20 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     if buffered {
         return read_into_protocol_buffer(obj, st, fd, &protocol);
     }
+    // The native TLS protocol is fed directly, from the receive buffer (it is the
+    // stdlib's buffered SSLProtocol, hence the buffer_updated message).
+    if let Ok(tls) = protocol.cast::<crate::tls::TlsProtocol>() {
+        let r = match crate::tls::feed_from_fd(tls, fd) {
+            Ok(Some(r)) => r.map(|()| py.None().into_bound(py)),
+            Ok(None) => return on_eof(obj, st, &protocol),
+            Err(e) if would_block(&e) => return Ok(()),
+            Err(e) => {
+                return fatal_error(obj, st, os_error(e), "Fatal read error on socket transport")
+            }
+        };
+        const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
+        return protocol_call(obj, st, r, FAILED).map(drop);
+    }
     let read = read_bytes_up_to(py, fd, true, read_max);
     let data = match read {
         Ok(d) => d,
@@ -274,13 +288,6 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     };
     if data.as_bytes().is_empty() {
         return on_eof(obj, st, &protocol);
-    }
-    // The native TLS protocol is fed directly (it is the stdlib's buffered SSLProtocol,
-    // hence the buffer_updated message).
-    if let Ok(tls) = protocol.cast::<crate::tls::TlsProtocol>() {
-        let r = crate::tls::feed(tls, &data).map(|()| py.None().into_bound(py));
-        const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
-        return protocol_call(obj, st, r, FAILED).map(drop);
     }
     let r = protocol.call_method1(intern!(py, "data_received"), (data,));
     protocol_call(

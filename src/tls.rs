@@ -26,7 +26,9 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::c_int;
+use std::io;
 use std::mem::ManuallyDrop;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -49,10 +51,79 @@ use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 /// Plaintext asked of one read batch before the buffer grows (the stdlib's `max_size`).
 const MAX_SIZE: usize = 256 * 1024;
 
+/// Bytes received from the socket per readable event (the stdlib's `SSLProtocol` buffer).
+const RECV_SIZE: usize = 256 * 1024;
+
+/// The most plaintext OpenSSL can hold decrypted beyond what a read returned: one record.
+const MAX_RECORD_PLAINTEXT: usize = 16384;
+
+/// The longest TLS record on the wire (TLS 1.2's limit, header included).
+const ONE_RECORD: usize = 5 + 16384 + 2048;
+
 thread_local! {
-    /// The loop thread's plaintext buffer: one read batch is decrypted into it and copied
-    /// out as one `bytes` before any Python code runs.
-    static PLAIN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The loop thread's receive buffer for TLS streams: one `recv`, handed to the
+    /// incoming BIO (which copies it) before any Python code runs.
+    static RECV: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+unsafe extern "C" {
+    // Part of CPython's C API (not of the limited API); pyo3-ffi keeps its binding private.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
+}
+
+/// A `bytes` object being filled: created uninitialised, private until [`finish`].
+///
+/// [`finish`]: PlainBytes::finish
+struct PlainBytes {
+    obj: *mut ffi::PyObject,
+    len: usize,
+}
+
+impl PlainBytes {
+    fn new(py: Python<'_>, len: usize) -> PyResult<Self> {
+        // SAFETY: a new bytes object of `len` uninitialised bytes (filled before use).
+        let obj =
+            unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t) };
+        if obj.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(Self { obj, len })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: `obj` is a live bytes object that nothing else references.
+        unsafe { ffi::PyBytes_AsString(self.obj).cast() }
+    }
+
+    /// Resizes in place (or moves, keeping the contents); `obj` has one reference.
+    fn resize(&mut self, py: Python<'_>, len: usize) -> PyResult<()> {
+        // SAFETY: `obj` is a bytes object with a single reference (ours); on failure it is
+        // released and set to NULL.
+        if unsafe { _PyBytes_Resize(&mut self.obj, len as ffi::Py_ssize_t) } != 0 {
+            self.obj = std::ptr::null_mut();
+            return Err(PyErr::fetch(py));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// The first `len` bytes, as a `bytes` object.
+    fn finish<'py>(mut self, py: Python<'py>, len: usize) -> PyResult<Bound<'py, PyBytes>> {
+        if len != self.len {
+            self.resize(py, len)?;
+        }
+        let obj = std::mem::replace(&mut self.obj, std::ptr::null_mut());
+        // SAFETY: `obj` is an owned reference to a bytes object.
+        Ok(unsafe { Bound::from_owned_ptr(py, obj).cast_into_unchecked() })
+    }
+}
+
+impl Drop for PlainBytes {
+    fn drop(&mut self) {
+        // SAFETY: the GIL is held wherever a `PlainBytes` lives (it never leaves the
+        // functions that create it); `obj` is owned or NULL.
+        unsafe { ffi::Py_XDECREF(self.obj) };
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -228,6 +299,9 @@ struct Inner {
     /// last asked (forgotten at every TLS call): `incoming.pending` without asking.
     fed: u64,
     consumed: Option<u64>,
+    /// `consumed` when last known: OpenSSL has consumed at least this much, so
+    /// `fed - consumed_floor` bounds `incoming.pending` from above without asking.
+    consumed_floor: u64,
     /// A data argument had no buffer interface: `fed` is unknown, always ask.
     fed_unknown: bool,
     /// The last read filled the buffer it was given: OpenSSL may hold more plaintext.
@@ -273,6 +347,13 @@ pub struct TlsProtocol {
     raw_native: bool,
     incoming: Py<PyAny>,
     outgoing: Py<PyAny>,
+    /// Bound C methods called per record: `incoming.write`, `outgoing.read`, and
+    /// `raw.read`/`raw.write` when `raw` is the C object (a user `sslobject_class`'s
+    /// methods are looked up at every call, as the stdlib does).
+    incoming_write: Py<PyAny>,
+    outgoing_read: Py<PyAny>,
+    raw_read: Option<Py<PyAny>>,
+    raw_write: Option<Py<PyAny>>,
     extra: Py<PyDict>,
     server_side: Py<PyAny>,
     server_hostname: Option<Py<PyAny>>,
@@ -374,9 +455,18 @@ impl TlsProtocol {
             .extract()?;
         let mut g = self.lock()?;
         if !g.fed_unknown {
-            g.consumed = Some(g.fed.saturating_sub(pending as u64));
+            let consumed = g.fed.saturating_sub(pending as u64);
+            g.consumed = Some(consumed);
+            g.consumed_floor = consumed;
         }
         Ok(pending)
+    }
+
+    /// An upper bound of `incoming.pending`, without asking: exact when no TLS call was
+    /// made since it was last asked; None when unknown (data without a buffer interface).
+    fn incoming_pending_bound(&self) -> PyResult<Option<usize>> {
+        let g = self.lock()?;
+        Ok((!g.fed_unknown).then(|| (g.fed - g.consumed.unwrap_or(g.consumed_floor)) as usize))
     }
 
     /// After any call into OpenSSL: it may have consumed incoming bytes and produced
@@ -404,13 +494,38 @@ impl TlsProtocol {
         Ok(g.records.complete_record_pending(pending) || g.ssl_pending_maybe)
     }
 
+    /// [`more_available`], from the bound on `incoming.pending` when that says no (or
+    /// says yes while a complete record arrived since OpenSSL last consumed any: a read
+    /// is due then anyway, and almost never raises `SSLWantReadError`).
+    ///
+    /// [`more_available`]: TlsProtocol::more_available
+    fn more_available_before_read(&self, py: Python<'_>) -> PyResult<bool> {
+        {
+            let g = self.lock()?;
+            if g.ssl_pending_maybe {
+                return Ok(true);
+            }
+            if !g.fed_unknown {
+                let consumed = g.consumed.unwrap_or(g.consumed_floor);
+                let bound = (g.fed - consumed) as usize;
+                // OpenSSL has consumed at least `consumed`: no complete record is left
+                // past it, or one is (exactly so when `consumed` is known).
+                return Ok(g.records.complete_record_pending(bound));
+            }
+        }
+        self.more_available(py)
+    }
+
     /// One `read(len, buffer)` into `len` bytes at `ptr`; `None` on `SSLAgainErrors`.
     fn read_into(&self, py: Python<'_>, ptr: *mut u8, len: usize) -> PyResult<Option<usize>> {
         let mv = mem_view(py, ptr, len)?;
-        let r = self
-            .raw
-            .bind(py)
-            .call_method1(intern!(py, "read"), (len, &mv));
+        let r = match &self.raw_read {
+            Some(read) => read.bind(py).call1((len, &mv)),
+            None => self
+                .raw
+                .bind(py)
+                .call_method1(intern!(py, "read"), (len, &mv)),
+        };
         release_view(mv)?;
         self.tls_called()?;
         let n = match r {
@@ -420,6 +535,25 @@ impl TlsProtocol {
         };
         self.lock()?.ssl_pending_maybe = n == Some(len);
         Ok(n)
+    }
+
+    /// One `read(len)` of the C object into a new `bytes` (trimmed by `_ssl`); `None` on
+    /// `SSLAgainErrors`. Only when `raw` is the C object (`raw_read` is set).
+    fn read_new<'py>(
+        &self,
+        py: Python<'py>,
+        read: &Py<PyAny>,
+        len: usize,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let r = read.bind(py).call1((len,));
+        self.tls_called()?;
+        let data = match r {
+            Ok(d) => d.cast_into::<PyBytes>()?,
+            Err(e) if is_again(py, &e)? => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        self.lock()?.ssl_pending_maybe = data.as_bytes().len() == len;
+        Ok(Some(data))
     }
 
     fn app_protocol<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -766,11 +900,16 @@ fn write_appdata(slf: &Bound<'_, TlsProtocol>, items: &[Bound<'_, PyAny>]) -> Py
         }
         return Ok(());
     }
-    let lens = items
-        .iter()
-        .map(|d| d.len().map(|n| n as isize))
-        .collect::<PyResult<Vec<_>>>()?;
-    {
+    if let [d] = items {
+        let n = d.len()? as isize;
+        let mut g = p.lock()?;
+        g.write_backlog.push_back(d.clone().unbind());
+        g.write_buffer_size += n;
+    } else {
+        let lens = items
+            .iter()
+            .map(|d| d.len().map(|n| n as isize))
+            .collect::<PyResult<Vec<_>>>()?;
         let mut g = p.lock()?;
         for (d, n) in items.iter().zip(&lens) {
             g.write_backlog.push_back(d.clone().unbind());
@@ -799,7 +938,10 @@ fn do_write(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
             Some(d) => d.clone_ref(py).into_bound(py),
             None => break,
         };
-        let r = raw.call_method1(intern!(py, "write"), (&data,));
+        let r = match &p.raw_write {
+            Some(write) => write.bind(py).call1((&data,)),
+            None => raw.call_method1(intern!(py, "write"), (&data,)),
+        };
         p.tls_called()?;
         match r {
             Ok(count) => {
@@ -842,7 +984,7 @@ fn process_outgoing(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
     };
     // Nothing can have reached the outgoing BIO since it was last emptied.
     if !paused && dirty {
-        let data = p.outgoing.bind(py).call_method0(intern!(py, "read"))?;
+        let data = p.outgoing_read.bind(py).call0()?;
         if data.len()? > 0 {
             if let Some(t) = t {
                 t.bind(py).call_method1(intern!(py, "write"), (data,))?;
@@ -918,52 +1060,85 @@ fn do_read(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
     }
 }
 
-/// Decrypts what is available into one buffer: `(plaintext, close_notify seen)`.
+/// Decrypts what is available into one `bytes`: `(plaintext, close_notify seen)`.
+///
+/// The `bytes` is sized from `incoming.pending` (plaintext is never longer than the
+/// records it came in, TLS compression being off) and read into directly, then trimmed.
 fn read_plaintext<'py>(
     p: &TlsProtocol,
     py: Python<'py>,
 ) -> PyResult<(Option<Bound<'py, PyBytes>>, bool)> {
-    let run = |buf: &mut Vec<u8>| -> PyResult<(Option<Bound<'py, PyBytes>>, bool)> {
-        if buf.len() < MAX_SIZE {
-            buf.resize(MAX_SIZE, 0);
-        }
-        let mut off = 0;
-        let mut eof = false;
-        // Only a partial record: the read could only raise SSLWantReadError.
-        if !p.more_available(py)? {
-            return Ok((None, false));
-        }
-        loop {
-            if off == buf.len() {
-                let n = buf.len() * 2;
-                buf.resize(n, 0);
+    // Only a partial record: the read could only raise SSLWantReadError.
+    if !p.more_available_before_read(py)? {
+        return Ok((None, false));
+    }
+    let pending = match p.incoming_pending_bound()? {
+        Some(n) => n,
+        None => p.incoming_pending(py)?,
+    };
+    let held = if p.lock()?.ssl_pending_maybe {
+        MAX_RECORD_PLAINTEXT
+    } else {
+        0
+    };
+    let cap = (pending + held).max(1024);
+    let mut off = 0;
+    let mut eof = false;
+    let mut buf = match &p.raw_read {
+        // At most one full record: most likely one record, whose plaintext `read(len)`
+        // returns as it is.
+        Some(read) if held == 0 && pending <= ONE_RECORD => match p.read_new(py, read, cap)? {
+            None => return Ok((None, false)),
+            Some(d) if d.as_bytes().is_empty() => return Ok((None, true)),
+            Some(d) if !p.more_available(py)? => return Ok((Some(d), false)),
+            Some(d) => {
+                // More records: on in one buffer.
+                let first = d.as_bytes();
+                let held = if p.lock()?.ssl_pending_maybe {
+                    MAX_RECORD_PLAINTEXT
+                } else {
+                    0
+                };
+                let rest = p.incoming_pending_bound()?.unwrap_or(MAX_SIZE) + held;
+                let buf = PlainBytes::new(py, (first.len() + rest).max(1024))?;
+                // SAFETY: `buf` has room for `first`; distinct objects.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(first.as_ptr(), buf.ptr(), first.len());
+                }
+                off = first.len();
+                buf
             }
-            let avail = buf.len() - off;
-            // SAFETY: `off < buf.len()`.
-            let ptr = unsafe { buf.as_mut_ptr().add(off) };
-            match p.read_into(py, ptr, avail)? {
-                None => break,
-                Some(0) => {
-                    eof = true;
+        },
+        _ => PlainBytes::new(py, cap)?,
+    };
+    loop {
+        if off == buf.len {
+            let n = (buf.len * 2).max(MAX_SIZE);
+            buf.resize(py, n)?;
+        }
+        let avail = buf.len - off;
+        // SAFETY: `off < buf.len`.
+        let ptr = unsafe { buf.ptr().add(off) };
+        match p.read_into(py, ptr, avail)? {
+            None => break,
+            Some(0) => {
+                eof = true;
+                break;
+            }
+            Some(n) => {
+                off += n;
+                if !p.more_available(py)? {
                     break;
                 }
-                Some(n) => {
-                    off += n;
-                    if !p.more_available(py)? {
-                        break;
-                    }
-                }
             }
         }
-        let data = (off > 0).then(|| PyBytes::new(py, &buf[..off]));
-        Ok((data, eof))
+    }
+    let data = if off > 0 {
+        Some(buf.finish(py, off)?)
+    } else {
+        None
     };
-    PLAIN.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => run(&mut buf),
-        // Re-entered from a read in progress (a user callback of OpenSSL's): a buffer
-        // of its own.
-        Err(_) => run(&mut Vec::new()),
-    })
+    Ok((data, eof))
 }
 
 fn do_read_copied(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
@@ -986,7 +1161,7 @@ fn do_read_buffered(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
     let p = slf.get();
     // Only a partial record: the read could only raise SSLWantReadError (the stdlib
     // would ask the protocol for a buffer it then leaves untouched).
-    if !p.more_available(py)? {
+    if !p.more_available_before_read(py)? {
         return Ok(());
     }
     let app = p.app_protocol(py)?;
@@ -1075,6 +1250,13 @@ fn call_eof_received(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
 fn control_ssl_reading(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
     let py = slf.py();
     let p = slf.get();
+    // Not paused and `incoming.pending` cannot reach the high-water mark: nothing to do.
+    if let Some(bound) = p.incoming_pending_bound()? {
+        let g = p.lock()?;
+        if !g.ssl_reading_paused && (bound as f64) < g.incoming_limits.high {
+            return Ok(());
+        }
+    }
     let size = p.incoming_pending(py)? as f64;
     let (pause, t) = {
         let mut g = p.lock()?;
@@ -1140,10 +1322,8 @@ fn fatal_error(slf: &Bound<'_, TlsProtocol>, exc: PyErr, message: &str) -> PyRes
 pub(crate) fn feed(slf: &Bound<'_, TlsProtocol>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = slf.py();
     let p = slf.get();
-    p.incoming
-        .bind(py)
-        .call_method1(intern!(py, "write"), (data,))?;
-    let state = {
+    p.incoming_write.bind(py).call1((data,))?;
+    {
         let mut g = p.lock()?;
         let view;
         let bytes = match data.cast::<PyBytes>() {
@@ -1166,8 +1346,53 @@ pub(crate) fn feed(slf: &Bound<'_, TlsProtocol>, data: &Bound<'_, PyAny>) -> PyR
                 g.records.valid = false;
             }
         }
-        g.state
+    }
+    process_incoming(slf)
+}
+
+/// One `recv` from the stream transport's socket `fd`, fed to the protocol as [`feed`]
+/// does, without a `bytes` in between: the incoming BIO copies the bytes straight out of
+/// the loop thread's receive buffer. `Ok(None)` at end of stream; the inner result is
+/// the protocol's (`buffer_updated` in the stdlib).
+pub(crate) fn feed_from_fd(
+    slf: &Bound<'_, TlsProtocol>,
+    fd: RawFd,
+) -> io::Result<Option<PyResult<()>>> {
+    let py = slf.py();
+    let p = slf.get();
+    let recv = |buf: &mut Vec<u8>| -> io::Result<Option<PyResult<()>>> {
+        if buf.len() < RECV_SIZE {
+            buf.resize(RECV_SIZE, 0);
+        }
+        let n = crate::iobuf::read_into(fd, buf.as_mut_ptr(), buf.len(), true)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        // The view lives for the call only (MemoryBIO.write copies what it is given).
+        let r = mem_view(py, buf.as_mut_ptr(), n).and_then(|mv| {
+            let r = p.incoming_write.bind(py).call1((&mv,));
+            release_view(mv)?;
+            r
+        });
+        let r = r.and_then(|_| {
+            let mut g = p.lock()?;
+            g.fed += n as u64;
+            g.records.feed(&buf[..n]);
+            Ok(())
+        });
+        Ok(Some(r))
     };
+    let fed = RECV.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => recv(&mut buf),
+        // Not reachable (no Python code runs while it is borrowed); a buffer of its own.
+        Err(_) => recv(&mut Vec::new()),
+    })?;
+    Ok(fed.map(|r| r.and_then(|()| process_incoming(slf))))
+}
+
+/// After bytes reached the incoming BIO: on according to the state.
+fn process_incoming(slf: &Bound<'_, TlsProtocol>) -> PyResult<()> {
+    let state = slf.get().lock()?.state;
     match state {
         State::DoHandshake => do_handshake(slf),
         State::Wrapped => do_read(slf),
@@ -1246,6 +1471,16 @@ impl TlsProtocol {
         } else {
             sslobj.clone()
         };
+        let incoming_write = incoming.getattr("write")?.unbind();
+        let outgoing_read = outgoing.getattr("read")?.unbind();
+        let (raw_read, raw_write) = if raw_native {
+            (
+                Some(raw.getattr("read")?.unbind()),
+                Some(raw.getattr("write")?.unbind()),
+            )
+        } else {
+            (None, None)
+        };
         let read_kb: i64 = constant(py, "FLOW_CONTROL_HIGH_WATER_SSL_READ")?.extract()?;
         let write_kb: i64 = constant(py, "FLOW_CONTROL_HIGH_WATER_SSL_WRITE")?.extract()?;
         let this = Self {
@@ -1256,6 +1491,10 @@ impl TlsProtocol {
             raw_native,
             incoming: incoming.unbind(),
             outgoing: outgoing.unbind(),
+            incoming_write,
+            outgoing_read,
+            raw_read,
+            raw_write,
             extra: extra.unbind(),
             server_side: server_side.unbind(),
             server_hostname: server_hostname.map(Bound::unbind),
@@ -1265,6 +1504,7 @@ impl TlsProtocol {
                 records: Records::new(),
                 fed: 0,
                 consumed: None,
+                consumed_floor: 0,
                 fed_unknown: false,
                 ssl_pending_maybe: false,
                 outgoing_dirty: true,
@@ -1538,6 +1778,10 @@ impl TlsProtocol {
         visit.call(&self.raw)?;
         visit.call(&self.incoming)?;
         visit.call(&self.outgoing)?;
+        visit.call(&self.incoming_write)?;
+        visit.call(&self.outgoing_read)?;
+        visit.call(&self.raw_read)?;
+        visit.call(&self.raw_write)?;
         visit.call(&self.extra)?;
         visit.call(&self.server_side)?;
         visit.call(&self.server_hostname)?;
