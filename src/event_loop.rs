@@ -14,25 +14,26 @@
 //! `call_soon_threadsafe`, which appends under the queue's lock and wakes the wait; no
 //! lock is ever held while Python code runs or while the interpreter is detached.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyInt, PyTuple};
+use pyo3::types::{PyDict, PyInt, PyString, PyTuple};
+use pyo3::{ffi, intern};
 
 use crate::clock::monotonic;
 use crate::errors::os_error;
-use crate::handles::{Handle, NewHandle};
+use crate::handles::{Args, Handle, HandlePool, NewHandle};
 use crate::pyhelpers::{cached, call_with_keywords};
 use crate::reactor::{Dispatch, Reactor, Waiter, SIGNAL_TOKEN};
 use crate::ready::{Job, ReadyQueue};
 use crate::signals::Signals;
 use crate::sock::Call;
-use crate::sync::lock;
+use crate::sync::{lock, SpinGuard, SpinLock};
 use crate::timers::TimerHeap;
 
 /// The longest single wait, as in the stdlib (a day).
@@ -50,7 +51,7 @@ struct Scheduler {
 /// per I/O event. The Python subclass adds what runs once per loop or per run.
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop", name = "LoopCore")]
 pub struct LoopCore {
-    sched: Mutex<Scheduler>,
+    sched: SpinLock<Scheduler>,
     reactor: Reactor,
     signals: Mutex<Signals>,
     closed: AtomicBool,
@@ -59,12 +60,91 @@ pub struct LoopCore {
     thread_id: AtomicU64,
     debug: AtomicBool,
     slow_callback_duration: Mutex<f64>,
+    /// Spent handles kept for reuse while the loop runs (emptied when it stops).
+    pool: HandlePool,
 }
 
 fn current_thread_ident() -> u64 {
     // SAFETY: pthread_self has no preconditions. CPython's threading.get_ident() is the
     // same value cast to an unsigned long.
     unsafe { libc::pthread_self() as u64 }
+}
+
+/// Drops `v`, without the out-of-line drop glue when it never allocated (so holds
+/// nothing): the per-iteration scratch vectors are almost always empty.
+#[inline(always)]
+fn release_vec<T>(v: Vec<T>) {
+    if v.capacity() == 0 {
+        // Nothing to free or drop: forgetting a never-allocated vector is a no-op.
+        std::mem::forget(v);
+    } else {
+        drop(v);
+    }
+}
+
+#[cold]
+fn not_callable(callback: &Bound<'_, PyAny>, method: &str) -> PyErr {
+    match callback.repr() {
+        Ok(r) => PyTypeError::new_err(format!(
+            "a callable object was expected by {method}(), got {r}"
+        )),
+        Err(e) => e,
+    }
+}
+
+/// While the loop runs, puts its bound `call_soon` in the instance's attributes, and
+/// returns it (`None` if it did not: a Python that does not need it, `call_soon`
+/// overridden or already set on the instance, or an instance without attribute dict).
+///
+/// Before 3.12 the C `Task` and `Future` get `loop.call_soon` as an attribute for every
+/// step and callback: with the method only on the class, each lookup makes a new bound
+/// method object; an instance attribute is found with one dict lookup. (Python code
+/// calling `loop.call_soon` pays a little more for the shadowed method; 3.12's C `Task`
+/// calls the method without binding it, so from 3.12 on nothing is pinned.) It is
+/// removed when the loop stops running ([`unpin_call_soon`]), so it does not outlive
+/// the run as a reference cycle.
+fn pin_call_soon<'py>(slf: &Bound<'py, LoopCore>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = slf.py();
+    if py.version_info() >= (3, 12) {
+        return Ok(None);
+    }
+    let name = intern!(py, "call_soon");
+    let core = py.get_type::<LoopCore>();
+    let ty = slf.get_type();
+    if ty.is(&core) || !ty.getattr(name)?.is(&core.getattr(name)?) {
+        return Ok(None);
+    }
+    // SAFETY: `slf` is a live object; the result is a new reference or NULL.
+    let dict = unsafe { ffi::PyObject_GenericGetDict(slf.as_ptr(), std::ptr::null_mut()) };
+    // SAFETY: as above.
+    let dict = match unsafe { Bound::from_owned_ptr_or_err(py, dict) } {
+        Ok(d) => d.cast_into::<pyo3::types::PyDict>()?,
+        Err(_) => return Ok(None),
+    };
+    if dict.contains(name)? {
+        return Ok(None);
+    }
+    let bound = slf.getattr(name)?;
+    dict.set_item(name, &bound)?;
+    Ok(Some(bound))
+}
+
+/// Undoes [`pin_call_soon`], unless the attribute was replaced meanwhile.
+fn unpin_call_soon(slf: &Bound<'_, LoopCore>, pinned: Option<Bound<'_, PyAny>>) -> PyResult<()> {
+    let Some(bound) = pinned else {
+        return Ok(());
+    };
+    let py = slf.py();
+    let name = intern!(py, "call_soon");
+    // SAFETY: `slf` is a live object; the result is a new reference or NULL.
+    let dict = unsafe { ffi::PyObject_GenericGetDict(slf.as_ptr(), std::ptr::null_mut()) };
+    // SAFETY: as above.
+    let dict =
+        unsafe { Bound::from_owned_ptr_or_err(py, dict) }?.cast_into::<pyo3::types::PyDict>()?;
+    if dict.get_item(name)?.is_some_and(|v| v.is(&bound)) {
+        dict.del_item(name)?;
+    }
+    Ok(())
 }
 
 /// `selectors._fileobj_to_fd`: an int, or an object whose `fileno()` gives one.
@@ -117,8 +197,8 @@ fn in_context(
 }
 
 impl LoopCore {
-    fn sched(&self) -> MutexGuard<'_, Scheduler> {
-        lock(&self.sched)
+    fn sched(&self) -> SpinGuard<'_, Scheduler> {
+        self.sched.lock()
     }
 
     fn check_closed(&self) -> PyResult<()> {
@@ -135,34 +215,44 @@ impl LoopCore {
 
     /// The stdlib's `_check_callback` (debug mode adds its thread and coroutine checks;
     /// the callable check always runs, so a bad argument fails at the call site).
+    #[inline]
     fn check_callback(
         &self,
         callback: &Bound<'_, PyAny>,
         method: &str,
         threadsafe: bool,
     ) -> PyResult<()> {
-        let py = callback.py();
         if self.is_debug() {
-            if !threadsafe {
-                self.check_thread()?;
-            }
-            let coroutines = py.import(intern!(py, "asyncio.coroutines"))?;
-            if coroutines
-                .call_method1(intern!(py, "iscoroutine"), (callback,))?
-                .is_truthy()?
-                || coroutines
-                    .call_method1(intern!(py, "iscoroutinefunction"), (callback,))?
-                    .is_truthy()?
-            {
-                return Err(PyTypeError::new_err(format!(
-                    "coroutines cannot be used with {method}()"
-                )));
-            }
+            self.check_callback_debug(callback, method, threadsafe)?;
         }
         if !callback.is_callable() {
+            return Err(not_callable(callback, method));
+        }
+        Ok(())
+    }
+
+    /// Debug mode's part of [`Self::check_callback`].
+    #[cold]
+    fn check_callback_debug(
+        &self,
+        callback: &Bound<'_, PyAny>,
+        method: &str,
+        threadsafe: bool,
+    ) -> PyResult<()> {
+        let py = callback.py();
+        if !threadsafe {
+            self.check_thread()?;
+        }
+        let coroutines = py.import(intern!(py, "asyncio.coroutines"))?;
+        if coroutines
+            .call_method1(intern!(py, "iscoroutine"), (callback,))?
+            .is_truthy()?
+            || coroutines
+                .call_method1(intern!(py, "iscoroutinefunction"), (callback,))?
+                .is_truthy()?
+        {
             return Err(PyTypeError::new_err(format!(
-                "a callable object was expected by {method}(), got {}",
-                callback.repr()?
+                "coroutines cannot be used with {method}()"
             )));
         }
         Ok(())
@@ -182,7 +272,7 @@ impl LoopCore {
         &self,
         loop_: &'py Bound<'py, PyAny>,
         func: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
+        args: Args,
         context: Option<Bound<'py, PyAny>>,
     ) -> NewHandle<'py> {
         NewHandle {
@@ -208,7 +298,7 @@ impl LoopCore {
         let method = if write { "add_writer" } else { "add_reader" };
         this.check_callback(&callback, method, false)?;
         let handle = this
-            .new_handle(slf.as_any(), callback, args, None)
+            .new_handle(slf.as_any(), callback, Args::from_tuple(args), None)
             .handle(false)?;
         let old = this
             .reactor
@@ -236,13 +326,20 @@ impl LoopCore {
         }
     }
 
-    /// One iteration (see the module docs).
-    fn run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+    /// One iteration (see the module docs). `batch` is the caller's empty buffer for the
+    /// callbacks it runs (kept across iterations, so they neither allocate nor free it);
+    /// with `recycle`, spent handles go to the loop's pool (see `HandlePool`), which the
+    /// caller must empty when it is done.
+    fn run_once(slf: &Bound<'_, Self>, batch: &mut VecDeque<Job>, recycle: bool) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
+        // Timers dropped from the heap, released once the lock is given back.
+        let mut dead = Vec::new();
         let timeout = {
             let mut s = this.sched();
-            s.timers.purge();
+            if !s.timers.is_empty() {
+                s.timers.purge(&mut dead);
+            }
             if !s.ready.is_empty() || this.stopping.load(Ordering::Relaxed) {
                 Some(0.0)
             } else {
@@ -251,43 +348,64 @@ impl LoopCore {
                     .map(|when| (when - monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT))
             }
         };
+        release_vec(dead);
         let readiness = this.reactor.poll(py, timeout).map_err(os_error)?;
         if readiness.interrupted {
             // Runs Python-level signal handlers; SIGINT's default one raises
             // KeyboardInterrupt here, before any queued callback is taken.
             py.check_signals()?;
         }
-        let (signalled, stale_signals) = if readiness.signals {
-            lock(&this.signals).take_pending(py)
+        let signalled = if readiness.signals {
+            let (signalled, stale) = lock(&this.signals).take_pending(py);
+            for sig in stale {
+                slf.call_method1(intern!(py, "remove_signal_handler"), (sig,))?;
+            }
+            signalled
         } else {
-            (Vec::new(), Vec::new())
+            Vec::new()
         };
-        for sig in stale_signals {
-            slf.call_method1(intern!(py, "remove_signal_handler"), (sig,))?;
-        }
-        let mut batch = {
+        let mut dead = Vec::new();
+        {
             let mut guard = this.sched();
             let s = &mut *guard;
-            s.ready.extend(readiness.jobs);
-            s.ready.extend(signalled.into_iter().map(Job::Callback));
-            let end = monotonic() + CLOCK_RESOLUTION;
-            let ready = &mut s.ready;
-            s.timers.pop_due(end, |h| ready.push_back(Job::Callback(h)));
-            s.ready.take_batch()
-        };
+            if readiness.jobs.capacity() == 0 {
+                release_vec(readiness.jobs);
+            } else {
+                s.ready.extend(readiness.jobs);
+            }
+            if signalled.capacity() == 0 {
+                release_vec(signalled);
+            } else {
+                s.ready.extend(signalled.into_iter().map(Job::Callback));
+            }
+            // No clock read when no timer is scheduled.
+            if !s.timers.is_empty() {
+                let end = monotonic() + CLOCK_RESOLUTION;
+                let ready = &mut s.ready;
+                s.timers
+                    .pop_due(end, &mut dead, |h| ready.push_back(Job::Callback(h)));
+            }
+            s.ready.swap_batch(batch);
+        }
+        release_vec(dead);
         let debug = this.is_debug();
         while let Some(job) = batch.pop_front() {
-            let result = match &job {
+            let result = match job {
                 Job::Callback(handle) => {
-                    let h = handle.bind(py);
+                    // Bound: released with a plain decref once run.
+                    let h = handle.into_bound(py);
                     if h.get().is_cancelled() {
                         continue;
                     }
-                    if debug {
-                        this.run_timed(slf, h.as_any(), || Handle::run(h))
+                    let result = if debug {
+                        this.run_timed(slf, h.as_any(), || Handle::run(&h))
                     } else {
-                        Handle::run(h)
+                        Handle::run(&h)
+                    };
+                    if recycle {
+                        this.pool.recycle(h);
                     }
+                    result
                 }
                 Job::Io(ev) => {
                     let target = ev.target.bind(py);
@@ -305,7 +423,6 @@ impl LoopCore {
                 return Err(err);
             }
         }
-        this.sched().ready.recycle(batch);
         Ok(())
     }
 
@@ -355,8 +472,8 @@ impl LoopCore {
         let this = slf.get();
         this.check_closed()?;
         let handle = this
-            .new_handle(slf.as_any(), func, args, None)
-            .handle(true)?;
+            .new_handle(slf.as_any(), func, Args::from_tuple(args), None)
+            .oneshot(&this.pool)?;
         this.sched().ready.push_back(Job::Callback(handle));
         Ok(())
     }
@@ -443,7 +560,7 @@ impl LoopCore {
     #[new]
     fn new() -> PyResult<Self> {
         Ok(Self {
-            sched: Mutex::new(Scheduler::default()),
+            sched: SpinLock::new(Scheduler::default()),
             reactor: Reactor::new().map_err(os_error)?,
             signals: Mutex::new(Signals::default()),
             closed: AtomicBool::new(false),
@@ -451,6 +568,7 @@ impl LoopCore {
             thread_id: AtomicU64::new(0),
             debug: AtomicBool::new(false),
             slow_callback_duration: Mutex::new(0.1),
+            pool: HandlePool::default(),
         })
     }
 
@@ -459,85 +577,18 @@ impl LoopCore {
         monotonic()
     }
 
-    /// Schedules `callback(*args)` for the next iteration.
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon(
-        slf: &Bound<'_, Self>,
-        callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let this = slf.get();
-        this.check_closed()?;
-        this.check_callback(&callback, "call_soon", false)?;
-        let handle = this
-            .new_handle(slf.as_any(), callback, args, context)
-            .handle(true)?;
-        this.sched()
-            .ready
-            .push_back(Job::Callback(handle.clone_ref(slf.py())));
-        Ok(handle)
-    }
-
-    /// `call_soon` from any thread: also wakes the loop if it is waiting for I/O.
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon_threadsafe(
-        slf: &Bound<'_, Self>,
-        callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let this = slf.get();
-        this.check_closed()?;
-        this.check_callback(&callback, "call_soon_threadsafe", true)?;
-        let handle = this
-            .new_handle(slf.as_any(), callback, args, context)
-            .handle(true)?;
-        this.sched()
-            .ready
-            .push_back(Job::Callback(handle.clone_ref(slf.py())));
-        if this.thread_id.load(Ordering::Relaxed) != current_thread_ident() {
-            this.reactor.wake();
-        }
-        Ok(handle)
-    }
-
-    /// Schedules `callback(*args)` after `delay` seconds.
-    #[pyo3(signature = (delay, callback, *args, context=None))]
-    fn call_later(
-        slf: &Bound<'_, Self>,
-        delay: Option<f64>,
-        callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let delay = delay.ok_or_else(|| PyTypeError::new_err("delay must not be None"))?;
-        Self::schedule_at(slf, monotonic() + delay, callback, args, context)
-    }
-
-    /// Schedules `callback(*args)` at `when` on the loop clock.
-    #[pyo3(signature = (when, callback, *args, context=None))]
-    fn call_at(
-        slf: &Bound<'_, Self>,
-        when: Option<f64>,
-        callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let when = when.ok_or_else(|| PyTypeError::new_err("when cannot be None"))?;
-        Self::schedule_at(slf, when, callback, args, context)
-    }
-
     /// Runs one iteration (exposed for tests and for `run_forever`'s Python half).
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::run_once(slf)
+        Self::run_once(slf, &mut VecDeque::new(), false)
     }
 
     /// Iterates until `stop()` is called; the stop flag is cleared on the way out.
     fn _run_forever_core(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
+        let pinned = pin_call_soon(slf)?;
+        let mut batch = VecDeque::new();
         let result = loop {
-            if let Err(e) = Self::run_once(slf) {
+            if let Err(e) = Self::run_once(slf, &mut batch, true) {
                 break Err(e);
             }
             if this.stopping.load(Ordering::Relaxed) {
@@ -545,7 +596,9 @@ impl LoopCore {
             }
         };
         this.stopping.store(false, Ordering::Relaxed);
-        result
+        drop(this.pool.drain());
+        let unpinned = unpin_call_soon(slf, pinned);
+        result.and(unpinned)
     }
 
     /// Makes `run_forever` return after the current iteration.
@@ -900,7 +953,7 @@ impl LoopCore {
     ) -> PyResult<Py<Handle>> {
         let this = slf.get();
         this.check_callback(&callback, method, true)?;
-        this.new_handle(slf.as_any(), callback, args, None)
+        this.new_handle(slf.as_any(), callback, Args::from_tuple(args), None)
             .handle(false)
     }
 
@@ -922,6 +975,7 @@ impl LoopCore {
             (s.ready.clear(), s.timers.clear())
         };
         let (registered, targets) = self.reactor.clear();
+        drop(self.pool.drain());
         // Released with no lock held: dropping a callback can run arbitrary finalizers.
         let queued = ready.iter().filter_map(|job| match job {
             Job::Callback(h) => Some(h),
@@ -935,25 +989,465 @@ impl LoopCore {
     }
 }
 
+// -- call_soon, call_soon_threadsafe, call_later, call_at ---------------------------------
+//
+// These four run once per callback (the C `Task` calls `call_soon(step, context=ctx)` for
+// every step), so they are METH_FASTCALL|METH_KEYWORDS functions of their own instead of
+// `#[pymethods]`: PyO3's generic argument extraction would build a tuple for `*args` and
+// walk a keyword table on every call. Their C entry points are lighter than PyO3's
+// trampoline (see [`fast_entry`]); they are installed on `LoopCore` by
+// [`install_fast_methods`].
+
 impl LoopCore {
-    fn schedule_at(
+    /// `call_soon`/`call_soon_threadsafe` once the arguments are parsed.
+    fn schedule_soon(
         slf: &Bound<'_, Self>,
-        when: f64,
-        callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
+        call: CallArgs<'_>,
+        threadsafe: bool,
     ) -> PyResult<Py<Handle>> {
+        let this = slf.get();
+        this.check_closed()?;
+        let method = if threadsafe {
+            "call_soon_threadsafe"
+        } else {
+            "call_soon"
+        };
+        this.check_callback(&call.callback, method, threadsafe)?;
+        let handle = this
+            .new_handle(slf.as_any(), call.callback, call.args, call.context)
+            .oneshot(&this.pool)?;
+        this.sched()
+            .ready
+            .push_back(Job::Callback(handle.clone_ref(slf.py())));
+        if threadsafe && this.thread_id.load(Ordering::Relaxed) != current_thread_ident() {
+            this.reactor.wake();
+        }
+        Ok(handle)
+    }
+
+    /// `call_at` (and `call_later`, which computes `when` first) once the arguments are
+    /// parsed.
+    fn schedule_at(slf: &Bound<'_, Self>, when: f64, call: CallArgs<'_>) -> PyResult<Py<Handle>> {
         if when.is_nan() {
             return Err(PyValueError::new_err("timer deadline must not be NaN"));
         }
         let this = slf.get();
         this.check_closed()?;
-        this.check_callback(&callback, "call_at", false)?;
+        this.check_callback(&call.callback, "call_at", false)?;
         let counter = this.sched().timers.cancel_counter();
         let handle = this
-            .new_handle(slf.as_any(), callback, args, context)
+            .new_handle(slf.as_any(), call.callback, call.args, call.context)
             .timer(when, counter)?;
         this.sched().timers.push(when, handle.clone_ref(slf.py()));
         Ok(handle)
     }
+}
+
+/// The arguments of `name([lead,] callback, *args, context=None)`.
+struct CallArgs<'py> {
+    /// `delay` or `when`, for the timer methods.
+    lead: Option<Bound<'py, PyAny>>,
+    callback: Bound<'py, PyAny>,
+    args: Args,
+    /// `None` when absent or passed as None (the current context is copied).
+    context: Option<Bound<'py, PyAny>>,
+}
+
+/// The parameter a keyword argument fills.
+enum Keyword {
+    Context,
+    Callback,
+    Lead,
+}
+
+/// Signature of one fast method, for argument parsing and its error messages.
+struct Signature {
+    name: &'static str,
+    /// The parameter before `callback`, if any (`delay`, `when`).
+    lead: Option<&'static str>,
+}
+
+impl Signature {
+    #[cold]
+    fn error(&self, what: std::fmt::Arguments<'_>) -> PyErr {
+        PyTypeError::new_err(format!("LoopCore.{}() {what}", self.name))
+    }
+
+    #[cold]
+    fn missing(&self, names: &[&str]) -> PyErr {
+        let list = names
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let plural = if names.len() == 1 { "" } else { "s" };
+        self.error(format_args!(
+            "missing {} required positional argument{plural}: {list}",
+            names.len()
+        ))
+    }
+
+    /// Which parameter a keyword argument names (`context` by another str object than
+    /// the interned one, or another parameter).
+    #[cold]
+    fn keyword(&self, name: Borrowed<'_, '_, PyString>) -> PyResult<Keyword> {
+        if name == "context" {
+            Ok(Keyword::Context)
+        } else if name == "callback" {
+            Ok(Keyword::Callback)
+        } else if self.lead.is_some_and(|l| name == l) {
+            Ok(Keyword::Lead)
+        } else {
+            let name = name.to_owned();
+            Err(self.error(format_args!("got an unexpected keyword argument '{name}'")))
+        }
+    }
+
+    /// Parses a vectorcall argument array: `nargs` positional values, then one value per
+    /// name in `kwnames` (a tuple of str, or NULL).
+    ///
+    /// # Safety
+    /// `args` must hold `nargs` plus `len(kwnames)` live object pointers, as CPython
+    /// passes them to a METH_FASTCALL|METH_KEYWORDS function.
+    unsafe fn parse<'py>(
+        &self,
+        py: Python<'py>,
+        args: *const *mut ffi::PyObject,
+        nargs: ffi::Py_ssize_t,
+        kwnames: *mut ffi::PyObject,
+    ) -> PyResult<CallArgs<'py>> {
+        let nargs = nargs as usize;
+        // SAFETY: the caller guarantees `nargs` positional pointers.
+        let positional = unsafe { raw_slice(args, nargs) };
+        let get = |p: *mut ffi::PyObject| {
+            // SAFETY: every pointer in the argument array is a live object.
+            unsafe { Bound::from_borrowed_ptr(py, p) }
+        };
+        let fixed = usize::from(self.lead.is_some()) + 1;
+        let mut lead = self.lead.and(positional.first().copied().map(get));
+        let mut callback = positional.get(fixed - 1).copied().map(get);
+        let mut context = None;
+        if !kwnames.is_null() {
+            // SAFETY: a non-NULL `kwnames` is a tuple of str (vectorcall protocol).
+            let count = unsafe { ffi::PyTuple_GET_SIZE(kwnames) } as usize;
+            // SAFETY: one value per keyword name follows the positional ones.
+            let values = unsafe { raw_slice(args.add(nargs), count) };
+            // Callers pass interned names, so identity settles the usual case.
+            let context_name = intern!(py, "context").as_ptr();
+            for (i, &value) in values.iter().enumerate() {
+                // SAFETY: `i` is within the tuple.
+                let name = unsafe { ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t) };
+                let keyword = if name == context_name {
+                    Keyword::Context
+                } else {
+                    // SAFETY: keyword names are live str objects.
+                    self.keyword(unsafe { Borrowed::from_ptr(py, name).cast_unchecked() })?
+                };
+                let slot = match keyword {
+                    Keyword::Context => &mut context,
+                    Keyword::Callback => &mut callback,
+                    Keyword::Lead => &mut lead,
+                };
+                if slot.is_some() {
+                    // SAFETY: as above.
+                    let name = unsafe { Bound::from_borrowed_ptr(py, name) };
+                    return Err(
+                        self.error(format_args!("got multiple values for argument '{name}'"))
+                    );
+                }
+                *slot = Some(get(value));
+            }
+        }
+        let (lead, callback) = match (self.lead, lead, callback) {
+            (None, _, Some(cb)) => (None, cb),
+            (Some(_), Some(l), Some(cb)) => (Some(l), cb),
+            (Some(l), None, None) => return Err(self.missing(&[l, "callback"])),
+            (Some(l), None, Some(_)) => return Err(self.missing(&[l])),
+            (_, _, None) => return Err(self.missing(&["callback"])),
+        };
+        let rest = positional.get(fixed..).unwrap_or(&[]);
+        let args = match rest {
+            [] => Args::Zero,
+            [one] => Args::One(get(*one).unbind()),
+            many => Args::Many(PyTuple::new(py, many.iter().map(|p| get(*p)))?.unbind()),
+        };
+        Ok(CallArgs {
+            lead,
+            callback,
+            args,
+            context: context.filter(|c| !c.is_none()),
+        })
+    }
+}
+
+/// A slice over a vectorcall argument array.
+///
+/// # Safety
+/// `ptr` must point to `len` initialised pointers (or `len` must be 0).
+unsafe fn raw_slice<'a>(ptr: *const *mut ffi::PyObject, len: usize) -> &'a [*mut ffi::PyObject] {
+    if len == 0 {
+        &[]
+    } else {
+        // SAFETY: upheld by the caller.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+/// A float argument as PyO3 extracts one (`PyFloat_AsDouble`), None refused with `none`.
+fn float_arg(arg: &Bound<'_, PyAny>, name: &str, none: &'static str) -> PyResult<f64> {
+    if arg.is_none() {
+        return Err(PyTypeError::new_err(none));
+    }
+    arg.extract::<f64>().inspect_err(|e| {
+        let py = arg.py();
+        let _ = e.value(py).call_method1(
+            intern!(py, "add_note"),
+            (format!("while processing '{name}'"),),
+        );
+    })
+}
+
+const SOON: Signature = Signature {
+    name: "call_soon",
+    lead: None,
+};
+const SOON_THREADSAFE: Signature = Signature {
+    name: "call_soon_threadsafe",
+    lead: None,
+};
+const LATER: Signature = Signature {
+    name: "call_later",
+    lead: Some("delay"),
+};
+const AT: Signature = Signature {
+    name: "call_at",
+    lead: Some("when"),
+};
+
+/// The receiver of a fast method.
+///
+/// # Safety
+/// `slf` must be the `self` CPython passes to a method of `LoopCore`: a method
+/// descriptor only calls its function with an instance of its class or a subclass.
+unsafe fn receiver<'a, 'py>(
+    py: Python<'py>,
+    slf: &'a *mut ffi::PyObject,
+) -> &'a Bound<'py, LoopCore> {
+    // SAFETY: upheld by the caller; a `*mut PyObject` has the layout of a `Bound`.
+    unsafe { Bound::ref_from_ptr(py, slf).cast_unchecked::<LoopCore>() }
+}
+
+/// `call_soon(callback, *args, context=None)`.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`.
+unsafe fn call_soon_fast(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: CPython's method-call contract (see the function's safety section).
+    let (slf, call) = unsafe { (receiver(py, &slf), SOON.parse(py, args, nargs, kwnames)?) };
+    Ok(LoopCore::schedule_soon(slf, call, false)?.into_ptr())
+}
+
+/// `call_soon_threadsafe(callback, *args, context=None)`.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`.
+unsafe fn call_soon_threadsafe_fast(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: CPython's method-call contract (see the function's safety section).
+    let (slf, call) = unsafe {
+        (
+            receiver(py, &slf),
+            SOON_THREADSAFE.parse(py, args, nargs, kwnames)?,
+        )
+    };
+    Ok(LoopCore::schedule_soon(slf, call, true)?.into_ptr())
+}
+
+/// `call_later(delay, callback, *args, context=None)`.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`.
+unsafe fn call_later_fast(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: CPython's method-call contract (see the function's safety section).
+    let (slf, mut call) = unsafe { (receiver(py, &slf), LATER.parse(py, args, nargs, kwnames)?) };
+    let lead = call.lead.take().expect("call_later has a lead parameter");
+    let delay = float_arg(&lead, "delay", "delay must not be None")?;
+    Ok(LoopCore::schedule_at(slf, monotonic() + delay, call)?.into_ptr())
+}
+
+/// `call_at(when, callback, *args, context=None)`.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`.
+unsafe fn call_at_fast(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: CPython's method-call contract (see the function's safety section).
+    let (slf, mut call) = unsafe { (receiver(py, &slf), AT.parse(py, args, nargs, kwnames)?) };
+    let lead = call.lead.take().expect("call_at has a lead parameter");
+    let when = float_arg(&lead, "when", "when cannot be None")?;
+    Ok(LoopCore::schedule_at(slf, when, call)?.into_ptr())
+}
+
+/// What a fast method does once its C entry point has set up.
+type FastMethod = unsafe fn(
+    Python<'_>,
+    *mut ffi::PyObject,
+    *const *mut ffi::PyObject,
+    ffi::Py_ssize_t,
+    *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject>;
+
+/// The body of each fast method's C entry point.
+///
+/// It does what PyO3's trampoline does for `#[pymethods]` minus its attach bookkeeping
+/// (a thread-local counter incremented and decremented on every call, and a check for
+/// references whose release was deferred): errors are raised, panics become
+/// `PanicException`s. Without that bookkeeping PyO3 does not know the thread is
+/// attached, so a `Py` dropped in here would have its release deferred to the next
+/// PyO3 entry point instead of done at once; the fast methods keep their temporaries as
+/// `Bound` (released directly), so that only happens to the arguments of a call that
+/// fails (a closed loop, a callback that is not callable), where it is harmless.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`, with the
+/// thread attached.
+#[inline(always)]
+unsafe fn fast_entry(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+    method: FastMethod,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls C methods with the thread attached.
+    let py = unsafe { Python::assume_attached() };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: forwarded unchanged from CPython (see the safety section).
+        unsafe { method(py, slf, args, nargs, kwnames) }
+    }));
+    let err = match result {
+        Ok(Ok(obj)) => return obj,
+        Ok(Err(err)) => err,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic from Rust code".to_owned());
+            pyo3::panic::PanicException::new_err(msg)
+        }
+    };
+    err.restore(py);
+    std::ptr::null_mut()
+}
+
+macro_rules! fast_entry_points {
+    ($($entry:ident => $method:ident),* $(,)?) => {$(
+        /// C entry point of a fast method (see [`fast_entry`]).
+        ///
+        /// # Safety
+        /// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`.
+        unsafe extern "C" fn $entry(
+            slf: *mut ffi::PyObject,
+            args: *const *mut ffi::PyObject,
+            nargs: ffi::Py_ssize_t,
+            kwnames: *mut ffi::PyObject,
+        ) -> *mut ffi::PyObject {
+            // SAFETY: forwarded unchanged from CPython.
+            unsafe { fast_entry(slf, args, nargs, kwnames, $method) }
+        }
+    )*};
+}
+
+fast_entry_points!(
+    call_soon_fast_entry => call_soon_fast,
+    call_soon_threadsafe_fast_entry => call_soon_threadsafe_fast,
+    call_later_fast_entry => call_later_fast,
+    call_at_fast_entry => call_at_fast,
+);
+
+/// The method table of the fast methods; CPython keeps pointers into it for good.
+struct FastMethods([ffi::PyMethodDef; 4]);
+
+// SAFETY: the table is never written after construction and holds only pointers to
+// static strings and functions, so sharing it between threads is sound.
+unsafe impl Sync for FastMethods {}
+
+const FAST_FLAGS: std::ffi::c_int = ffi::METH_FASTCALL | ffi::METH_KEYWORDS;
+
+static FAST_METHODS: FastMethods = FastMethods([
+    ffi::PyMethodDef {
+        ml_name: c"call_soon".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: call_soon_fast_entry,
+        },
+        ml_flags: FAST_FLAGS,
+        ml_doc: c"call_soon($self, callback, *args, context=None)\n--\n\nSchedules `callback(*args)` for the next iteration.".as_ptr(),
+    },
+    ffi::PyMethodDef {
+        ml_name: c"call_soon_threadsafe".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: call_soon_threadsafe_fast_entry,
+        },
+        ml_flags: FAST_FLAGS,
+        ml_doc: c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\n`call_soon` from any thread: also wakes the loop if it is waiting for I/O.".as_ptr(),
+    },
+    ffi::PyMethodDef {
+        ml_name: c"call_later".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: call_later_fast_entry,
+        },
+        ml_flags: FAST_FLAGS,
+        ml_doc: c"call_later($self, delay, callback, *args, context=None)\n--\n\nSchedules `callback(*args)` after `delay` seconds.".as_ptr(),
+    },
+    ffi::PyMethodDef {
+        ml_name: c"call_at".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: call_at_fast_entry,
+        },
+        ml_flags: FAST_FLAGS,
+        ml_doc: c"call_at($self, when, callback, *args, context=None)\n--\n\nSchedules `callback(*args)` at `when` on the loop clock.".as_ptr(),
+    },
+]);
+
+/// Adds `call_soon`, `call_soon_threadsafe`, `call_later` and `call_at` to `LoopCore`
+/// (see the section comment above); called once when the module is initialised.
+pub fn install_fast_methods(py: Python<'_>) -> PyResult<()> {
+    let class = py.get_type::<LoopCore>();
+    for def in &FAST_METHODS.0 {
+        // SAFETY: `class` is a live type object; `def` is a static definition whose
+        // function matches its flags, and CPython never writes through the pointer.
+        let descr = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyDescr_NewMethod(class.as_type_ptr(), std::ptr::from_ref(def).cast_mut()),
+            )?
+        };
+        // SAFETY: `ml_name` points to a static NUL-terminated ASCII name.
+        let name = unsafe { std::ffi::CStr::from_ptr(def.ml_name) };
+        class.setattr(name.to_string_lossy().as_ref(), descr)?;
+    }
+    Ok(())
 }

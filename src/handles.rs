@@ -4,8 +4,20 @@
 //! Both are frozen Rust classes so the loop reads them without borrow bookkeeping: the
 //! only mutable state is the cancelled flag (atomic) and the callback slot, which
 //! `cancel()` empties to drop references early, as the stdlib does.
+//!
+//! A handle is on the path of every callback, so it is kept cheap:
+//! - the positional arguments are stored as they came, with no tuple for the common
+//!   zero- and one-argument cases ([`Args`]), and the callback is called by vectorcall;
+//! - a context captured implicitly (`context=None`) is not kept at all when it is
+//!   empty (the callback runs in a new empty context, [`ContextSlot`]), and otherwise
+//!   kept out of the cyclic garbage collector until it is exposed, like the handle
+//!   itself (see [`Handle::context`]);
+//! - what only debug mode needs lives behind one pointer ([`DebugState`]);
+//! - a running loop reuses the one-shot handles nobody else kept ([`HandlePool`]),
+//!   instead of freeing one object and allocating the next for every callback.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit};
@@ -14,13 +26,92 @@ use pyo3::types::{PyDict, PyTuple};
 use pyo3::{ffi, intern};
 
 use crate::pyhelpers;
-use crate::sync::lock;
+use crate::sync::{lock, SpinLock};
 use crate::timers::Timer;
+
+/// A callback's positional arguments, without a tuple when there are fewer than two.
+pub(crate) enum Args {
+    /// `callback()`.
+    Zero,
+    /// `callback(arg)`.
+    One(Py<PyAny>),
+    /// `callback(*args)`, two or more.
+    Many(Py<PyTuple>),
+}
+
+impl Args {
+    /// The arguments of a tuple, unpacked when it holds fewer than two.
+    pub(crate) fn from_tuple(args: Bound<'_, PyTuple>) -> Self {
+        match args.len() {
+            0 => Args::Zero,
+            // SAFETY: index 0 exists in a tuple of length 1.
+            1 => Args::One(unsafe { args.get_item_unchecked(0) }.unbind()),
+            _ => Args::Many(args.unbind()),
+        }
+    }
+
+    /// The arguments as a tuple (`Handle._args`, callback formatting).
+    pub(crate) fn to_tuple<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        match self {
+            Args::Zero => Ok(PyTuple::empty(py)),
+            Args::One(a) => PyTuple::new(py, [a.bind(py)]),
+            Args::Many(t) => Ok(t.bind(py).clone()),
+        }
+    }
+
+    fn clone_ref(&self, py: Python<'_>) -> Self {
+        match self {
+            Args::Zero => Args::Zero,
+            Args::One(a) => Args::One(a.clone_ref(py)),
+            Args::Many(t) => Args::Many(t.clone_ref(py)),
+        }
+    }
+
+    /// Drops the references with the interpreter attached (no deferred-release check).
+    fn release(self, py: Python<'_>) {
+        match self {
+            Args::Zero => {}
+            Args::One(a) => drop(a.into_bound(py)),
+            Args::Many(t) => drop(t.into_bound(py)),
+        }
+    }
+
+    /// `func(*args)`, discarding the result.
+    fn call(&self, py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        let f = func.as_ptr();
+        // SAFETY: `f` and the arguments are live objects we hold references to; each
+        // call returns a new reference or NULL with an exception set.
+        let ret = unsafe {
+            match self {
+                Args::Zero => ffi::PyObject_CallNoArgs(f),
+                Args::One(a) => ffi::PyObject_CallOneArg(f, a.as_ptr()),
+                Args::Many(t) => ffi::PyObject_Call(f, t.as_ptr(), std::ptr::null_mut()),
+            }
+        };
+        // SAFETY: as above; the result (None, usually) is dropped at once.
+        unsafe { Bound::from_owned_ptr_or_err(py, ret) }.map(drop)
+    }
+}
 
 /// The callable and its positional arguments.
 pub(crate) struct Callback {
     pub func: Py<PyAny>,
-    pub args: Py<PyTuple>,
+    pub args: Args,
+}
+
+impl Callback {
+    fn clone_ref(&self, py: Python<'_>) -> Self {
+        Callback {
+            func: self.func.clone_ref(py),
+            args: self.args.clone_ref(py),
+        }
+    }
+
+    /// Drops the references with the interpreter attached (no deferred-release check).
+    fn release(self, py: Python<'_>) {
+        drop(self.func.into_bound(py));
+        self.args.release(py);
+    }
 }
 
 /// Timer-only state of a handle.
@@ -30,20 +121,32 @@ pub(crate) struct TimerState {
     cancel_count: Arc<AtomicUsize>,
 }
 
+/// What a handle keeps in debug mode only.
+struct DebugState {
+    /// The repr taken at cancel time, when the callback is dropped.
+    repr_at_cancel: Mutex<Option<String>>,
+    source_traceback: Option<Py<PyAny>>,
+}
+
 /// A callback scheduled on the loop (`asyncio.Handle`'s interface).
 #[pyclass(frozen, subclass, module = "ferroloop", name = "Handle")]
 pub struct Handle {
-    callback: Mutex<Option<Callback>>,
-    context: Py<PyAny>,
-    loop_: Py<PyAny>,
+    /// Taken (not just read) only in short sections that run no Python code; what is
+    /// taken out is released after the lock is given back.
+    callback: SpinLock<Option<Callback>>,
+    /// The context to run in (see [`ContextSlot`]).
+    context: ContextSlot,
+    /// The context was captured implicitly and is untracked by the cyclic GC until
+    /// someone else can see it (see [`Handle::context`]).
+    context_hidden: AtomicBool,
+    /// Released in `Drop`.
+    loop_: ManuallyDrop<Py<PyAny>>,
     cancelled: AtomicBool,
     debug: bool,
     /// Runs at most once (`call_soon`/`call_later`), unlike reader, writer and signal
-    /// handles; such a handle drops its callback after running (see [`untracked`]).
+    /// handles; such a handle drops its callback when it runs (see [`untracked`]).
     oneshot: bool,
-    /// In debug mode the repr is kept at cancel time, when the callback is dropped.
-    repr_at_cancel: Mutex<Option<String>>,
-    source_traceback: Option<Py<PyAny>>,
+    debug_state: Option<Box<DebugState>>,
     timer: Option<TimerState>,
 }
 
@@ -54,40 +157,77 @@ pub struct TimerHandle;
 /// Everything needed to build a handle.
 pub(crate) struct NewHandle<'py> {
     pub func: Bound<'py, PyAny>,
-    pub args: Bound<'py, PyTuple>,
+    pub args: Args,
     pub context: Option<Bound<'py, PyAny>>,
     pub loop_: &'py Bound<'py, PyAny>,
     pub debug: bool,
 }
 
 impl NewHandle<'_> {
+    /// The context to run in: the one given, or a copy of the current one (kept out of
+    /// the collector outside debug mode, hence the returned "hidden" flag).
+    ///
+    /// With `lazy` (a handle that runs at most once) an empty current context is not
+    /// kept at all (`None`): the callback runs in a new empty context made when it runs
+    /// (or when someone asks for it, see [`ContextSlot`]), which is all a copy of an
+    /// empty context can be. Queued callbacks then cost no context object each, which
+    /// is much of their memory when a million are queued.
+    fn capture_context(
+        py: Python<'_>,
+        context: Option<Bound<'_, PyAny>>,
+        debug: bool,
+        lazy: bool,
+    ) -> PyResult<(Option<Py<PyAny>>, bool)> {
+        if let Some(c) = context {
+            return Ok((Some(c.unbind()), false));
+        }
+        // SAFETY: called with the interpreter attached; the result is a new reference or
+        // NULL with an exception set.
+        let ctx = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())? };
+        // SAFETY: `ctx` is a live context; its length is its number of variables.
+        if lazy && !debug && unsafe { ffi::PyObject_Size(ctx.as_ptr()) } == 0 {
+            // Released at once: the context free list gives it to the next copy.
+            return Ok((None, false));
+        }
+        // A fresh copy is referenced by this handle alone, so it cannot be part of a
+        // cycle until it is handed out or the handle lets it go: keep it out of the
+        // collector's lists meanwhile (a million queued callbacks would otherwise be a
+        // million tracked contexts for every collection to walk). In debug mode,
+        // everything stays tracked.
+        if !debug {
+            // SAFETY: `ctx` is a live, tracked context (PyContext_CopyCurrent tracks what
+            // it returns); it is tracked again before anyone else sees it and before it
+            // is released (`Handle::context`, `Handle::take_context`,
+            // `HandlePool::recycle`).
+            unsafe { ffi::PyObject_GC_UnTrack(ctx.as_ptr().cast()) };
+        }
+        Ok((Some(ctx.unbind()), !debug))
+    }
+
     fn build(self, timer: Option<TimerState>, oneshot: bool) -> PyResult<Handle> {
         let py = self.func.py();
-        let context = match self.context {
-            Some(c) => c.unbind(),
-            // SAFETY: called with the interpreter attached; the result is a new reference
-            // or NULL with an exception set, which `from_owned_ptr_or_err` handles.
-            None => {
-                unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())? }.unbind()
-            }
-        };
-        let source_traceback = if self.debug {
-            pyhelpers::extract_caller_stack(py)?
+        let (context, context_hidden) =
+            Self::capture_context(py, self.context, self.debug, oneshot)?;
+        let debug_state = if self.debug {
+            Some(Box::new(DebugState {
+                repr_at_cancel: Mutex::new(None),
+                source_traceback: pyhelpers::extract_caller_stack(py)?,
+            }))
         } else {
             None
         };
         Ok(Handle {
-            callback: Mutex::new(Some(Callback {
+            callback: SpinLock::new(Some(Callback {
                 func: self.func.unbind(),
-                args: self.args.unbind(),
+                args: self.args,
             })),
-            context,
-            loop_: self.loop_.clone().unbind(),
+            context: ContextSlot::new(context),
+            context_hidden: AtomicBool::new(context_hidden),
+            loop_: ManuallyDrop::new(self.loop_.clone().unbind()),
             cancelled: AtomicBool::new(false),
             debug: self.debug,
             oneshot,
-            repr_at_cancel: Mutex::new(None),
-            source_traceback,
+            debug_state,
             timer,
         })
     }
@@ -96,7 +236,39 @@ impl NewHandle<'_> {
     pub fn handle(self, oneshot: bool) -> PyResult<Py<Handle>> {
         let py = self.func.py();
         let debug = self.debug;
-        Ok(untracked(Py::new(py, self.build(None, oneshot)?)?, debug))
+        let handle = self.build(None, oneshot)?;
+        if debug {
+            let init = PyClassInitializer::from(handle).add_subclass(TrackedHandle);
+            Ok(Bound::new(py, init)?.into_super().unbind())
+        } else {
+            Py::new(py, handle)
+        }
+    }
+
+    /// A one-shot handle, reusing one from `pool` when it has one.
+    pub fn oneshot(self, pool: &HandlePool) -> PyResult<Py<Handle>> {
+        if self.debug {
+            return self.handle(true);
+        }
+        let Some(h) = pool.take() else {
+            return self.handle(true);
+        };
+        let py = self.func.py();
+        let this = h.get();
+        debug_assert!(this.loop_.is(self.loop_) && this.oneshot && this.timer.is_none());
+        let (context, hidden) = Self::capture_context(py, self.context, false, true)?;
+        // SAFETY: `h` came out of the pool, which held the only reference to it (see
+        // `HandlePool`), and that reference is now ours: nothing else can read the slot.
+        let old = unsafe { this.context.replace(context) };
+        debug_assert!(old.is_none());
+        this.context_hidden.store(hidden, Ordering::Relaxed);
+        this.cancelled.store(false, Ordering::Relaxed);
+        let old = this.callback.lock().replace(Callback {
+            func: self.func.unbind(),
+            args: self.args,
+        });
+        debug_assert!(old.is_none());
+        Ok(h)
     }
 
     /// A timer handle due at `when`, counted in `cancel_count` if cancelled while scheduled.
@@ -117,7 +289,8 @@ impl NewHandle<'_> {
     }
 }
 
-/// Takes a new handle out of the cyclic garbage collector's lists (outside debug mode).
+/// Takes a new timer handle out of the cyclic garbage collector's lists (outside debug
+/// mode).
 ///
 /// Handles are short-lived and numerous (one per task step); tracked, a queue of a
 /// million of them makes every collection walk them all, which cost more than
@@ -126,17 +299,242 @@ impl NewHandle<'_> {
 /// while the loop holds them: a one-shot handle drops it once run, a cancelled one at
 /// once, and `close()` drops every queued or registered handle. In debug mode handles
 /// stay tracked and keep their callback, as the stdlib's do, for the reports.
+///
+/// Plain handles go further: `Handle` is not a GC type at all (see [`install`]), so
+/// they are neither tracked nor counted towards the collector's allocation thresholds;
+/// debug mode makes [`TrackedHandle`]s instead.
 fn untracked(handle: Py<Handle>, debug: bool) -> Py<Handle> {
     if !debug {
-        // SAFETY: the object is fully initialised and tracked (PyO3 allocates its
-        // classes with Py_TPFLAGS_HAVE_GC and tracks them); untracking is allowed.
+        // SAFETY: timer handles are GC objects, fully initialised and tracked (PyO3
+        // tracks what it allocates); untracking is allowed.
         unsafe { ffi::PyObject_GC_UnTrack(handle.as_ptr().cast()) };
     }
     handle
 }
 
+/// Debug mode's plain handles: a `Handle` the cyclic garbage collector tracks, as the
+/// stdlib's handles are (debug-mode handles keep their callback after running).
+#[pyclass(frozen, extends = Handle, module = "ferroloop", name = "Handle")]
+pub struct TrackedHandle;
+
+/// Makes `Handle` a type whose instances are not garbage-collector objects; called once,
+/// when the module is initialised, before any handle exists.
+///
+/// PyO3 gives every class `Py_TPFLAGS_HAVE_GC`, so every handle would carry a collector
+/// header and count as a collector allocation, bringing collections forward: with
+/// 100,000 tasks scheduled at once (one handle each), 12% more young collections and one
+/// more full collection walking every live task, which dominate such a workload. A
+/// plain handle never needs the collector: outside debug mode it is untracked anyway
+/// (see [`untracked`]), and debug mode makes [`TrackedHandle`]s. So the type loses the
+/// flag and its traverse/clear slots, frees with `PyObject_Free`, and deallocates
+/// without the GC untracking PyO3's deallocator would do ([`handle_dealloc`]).
+/// `TimerHandle` and `TrackedHandle` stay GC types (CPython allows a GC subtype of a
+/// non-GC base; their own slots are untouched).
+pub fn install(py: Python<'_>) -> PyResult<()> {
+    let ty = py.get_type::<Handle>();
+    let tp = ty.as_type_ptr();
+    // SAFETY: `tp` is PyO3's heap type object for `Handle`, just created (the module is
+    // being initialised and no instance exists yet); these are plain slot writes to a
+    // heap type, announced to CPython's caches by PyType_Modified.
+    unsafe {
+        (*tp).tp_flags &= !ffi::Py_TPFLAGS_HAVE_GC;
+        (*tp).tp_traverse = None;
+        (*tp).tp_clear = None;
+        (*tp).tp_free = Some(ffi::PyObject_Free);
+        (*tp).tp_dealloc = Some(handle_dealloc);
+        ffi::PyType_Modified(tp);
+    }
+    // The subclasses are created after the change, so they inherit a consistent base.
+    let _ = py.get_type::<TimerHandle>();
+    let _ = py.get_type::<TrackedHandle>();
+    Ok(())
+}
+
+/// `tp_dealloc` of `Handle` (see [`install`]): PyO3's deallocation minus the GC untrack.
+///
+/// # Safety
+/// Called by CPython, with the thread attached, for a `Handle` whose refcount fell to 0.
+unsafe extern "C" fn handle_dealloc(obj: *mut ffi::PyObject) {
+    use pyo3::impl_::pycell::PyClassObjectBaseLayout;
+    use pyo3::impl_::pyclass::PyClassImpl;
+    // SAFETY: CPython runs deallocators with the thread attached.
+    let py = unsafe { Python::assume_attached() };
+    // `Handle`'s own `Drop` releases every Python reference it holds directly (no
+    // deferred release), and panics nowhere; an unexpected panic must not unwind into
+    // CPython.
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `obj` is a `Handle` (or a subclass instance, whose own deallocator
+        // ran first) being deallocated; PyO3's layout drops the Rust value, then frees
+        // the memory with the type's `tp_free` and releases the heap type reference.
+        unsafe {
+            <<Handle as PyClassImpl>::Layout as PyClassObjectBaseLayout<Handle>>::tp_dealloc(
+                py, obj,
+            )
+        }
+    }));
+    if done.is_err() {
+        std::process::abort();
+    }
+}
+
+/// The context a handle runs in: an owned reference, or null for an implicitly captured
+/// empty context that was not needed yet (see [`NewHandle::capture_context`]).
+///
+/// Made on first use ([`ContextSlot::materialize`], a compare-and-swap, so concurrent
+/// callers agree on one); replaced only through [`ContextSlot::replace`], whose caller
+/// must hold the only reference to the handle (the [`HandlePool`] protocol), so a
+/// replacement never meets a reader.
+struct ContextSlot(AtomicPtr<ffi::PyObject>);
+
+impl ContextSlot {
+    fn new(context: Option<Py<PyAny>>) -> Self {
+        Self(AtomicPtr::new(
+            context.map_or(std::ptr::null_mut(), Py::into_ptr),
+        ))
+    }
+
+    /// The context, if it exists.
+    fn get<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        let ptr = self.0.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer is a reference the slot owns; it stays valid while
+        // the handle lives (it is only replaced with no other reference to the handle).
+        (!ptr.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(py, ptr) })
+    }
+
+    /// The context, made (empty) first if it does not exist yet.
+    fn materialize<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(context) = self.get(py) {
+            return Ok(context);
+        }
+        // SAFETY: the result is a new reference or NULL with an exception set.
+        let new = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New())? };
+        let ptr = new.as_ptr();
+        match self.0.compare_exchange(
+            std::ptr::null_mut(),
+            ptr,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                // The slot keeps a reference of its own; `new` goes to the caller.
+                std::mem::forget(new.clone());
+                Ok(new)
+            }
+            // Another thread made it first: use that one.
+            // SAFETY: as in `get`.
+            Err(existing) => Ok(unsafe { Bound::from_borrowed_ptr(py, existing) }),
+        }
+    }
+
+    /// Takes the context out (the handle is going away).
+    fn take(&mut self) -> Option<Py<PyAny>> {
+        let ptr = std::mem::replace(self.0.get_mut(), std::ptr::null_mut());
+        // SAFETY: a non-null pointer is a reference the slot owned, now the caller's;
+        // only `Drop` calls this, with the interpreter attached.
+        (!ptr.is_null())
+            .then(|| unsafe { Bound::from_owned_ptr(Python::assume_attached(), ptr).unbind() })
+    }
+
+    /// Replaces the context, returning the old one.
+    ///
+    /// # Safety
+    /// The caller holds the only reference to the handle (its refcount is the one it
+    /// owns, and the handle is no collector object, so nothing can find it), so no
+    /// reference borrowed from the slot is alive.
+    unsafe fn replace(&self, context: Option<Py<PyAny>>) -> Option<Py<PyAny>> {
+        let new = context.map_or(std::ptr::null_mut(), Py::into_ptr);
+        let old = self.0.swap(new, Ordering::AcqRel);
+        // SAFETY: a non-null pointer is a reference the slot owned, now the caller's;
+        // the caller holds a handle reference, so the interpreter is attached.
+        (!old.is_null())
+            .then(|| unsafe { Bound::from_owned_ptr(Python::assume_attached(), old).unbind() })
+    }
+}
+
+/// How many spent handles a running loop keeps for reuse.
+const POOL_MAX: usize = 256;
+
+/// Spent one-shot handles a running loop keeps to reuse for its next callbacks.
+///
+/// A handle enters the pool after it ran, if the ready queue's reference was the only
+/// one (the caller of `call_soon` dropped its handle, as the C `Task` does): nothing
+/// can reach it then (a plain handle is not a collector object, so not even
+/// `gc.get_referrers` finds it), so its fields can be rewritten in place. Pooled handles hold no callback and no context,
+/// only their loop; the loop empties its pool when it stops running and when it
+/// closes, so the pool never keeps a stopped loop alive.
+#[derive(Default)]
+pub(crate) struct HandlePool {
+    free: SpinLock<Vec<Py<Handle>>>,
+}
+
+impl HandlePool {
+    fn take(&self) -> Option<Py<Handle>> {
+        self.free.lock().pop()
+    }
+
+    /// Keeps `h`, a handle the loop just ran and let go of, if it can be reused;
+    /// otherwise releases it.
+    pub(crate) fn recycle(&self, h: Bound<'_, Handle>) {
+        let this = h.get();
+        // SAFETY: `h` is a live object.
+        let sole = unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1;
+        if !sole || !this.oneshot || this.debug || this.timer.is_some() {
+            return;
+        }
+        if self.free.lock().len() >= POOL_MAX {
+            return;
+        }
+        // SAFETY: ours is the only reference and the handle is no collector object (not
+        // debug): nothing else can reach it.
+        let context = unsafe { this.context.replace(None) };
+        if let Some(context) = context {
+            if this.context_hidden.swap(false, Ordering::Relaxed) {
+                // SAFETY: the context is live and untracked (hidden); see
+                // `Handle::take_context` for why it must be tracked when released.
+                unsafe { ffi::PyObject_GC_Track(context.as_ptr().cast()) };
+            }
+            drop(context.into_bound(h.py()));
+        }
+        let stale = this.callback.lock().take();
+        if let Some(cb) = stale {
+            cb.release(h.py());
+        }
+        // The pool can only have shrunk since the check (releasing the context may run
+        // code that schedules callbacks; only the running loop recycles).
+        self.free.lock().push(h.unbind());
+    }
+
+    /// Empties the pool; the handles are returned to be released with no lock held.
+    pub(crate) fn drain(&self) -> Vec<Py<Handle>> {
+        std::mem::take(&mut *self.free.lock())
+    }
+}
+
 fn is_fatal(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PySystemExit>(py) || err.is_instance_of::<PyKeyboardInterrupt>(py)
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: a handle is only dropped with the interpreter attached: it is a Python
+        // object (dropped by its deallocator) or a value inside a function that holds
+        // the interpreter.
+        let py = unsafe { Python::assume_attached() };
+        if let Some(context) = self.take_context() {
+            drop(context.into_bound(py));
+        }
+        // SAFETY: taken exactly once, here, and never used again.
+        let loop_ = unsafe { ManuallyDrop::take(&mut self.loop_) };
+        drop(loop_.into_bound(py));
+        if let Some(cb) = self.callback.get_mut().take() {
+            cb.release(py);
+        }
+        // Every Python reference is released as a `Bound` (a plain decref), so dropping
+        // a handle never depends on PyO3's attach bookkeeping (see `handle_dealloc`).
+        if let Some(tb) = self.debug_state.take().and_then(|d| d.source_traceback) {
+            drop(tb.into_bound(py));
+        }
+    }
 }
 
 impl Handle {
@@ -148,12 +546,43 @@ impl Handle {
     /// Drops the callback of a handle that can no longer run (its loop closed, its
     /// registration replaced), breaking any cycle through it; see [`untracked`].
     pub(crate) fn release(&self) {
-        drop(lock(&self.callback).take());
+        let cb = self.take_callback();
+        drop(cb);
+    }
+
+    /// Empties the callback slot; the caller drops what it gets with the lock released.
+    fn take_callback(&self) -> Option<Callback> {
+        self.callback.lock().take()
     }
 
     /// `cancel()` from Rust.
     pub(crate) fn cancel_now(slf: &Bound<'_, Self>) -> PyResult<()> {
         slf.get().do_cancel(slf)
+    }
+
+    /// The handle's context, made visible to the collector first if it was hidden:
+    /// once someone else holds it, it can take part in a cycle.
+    fn context(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let context = self.context.materialize(py)?;
+        if self.context_hidden.swap(false, Ordering::Relaxed) {
+            // SAFETY: the context is live and was untracked while hidden; the flag is
+            // cleared first, so it is tracked exactly once.
+            unsafe { ffi::PyObject_GC_Track(context.as_ptr().cast()) };
+        }
+        Ok(context.unbind())
+    }
+
+    /// Takes the context out, tracked again if it was hidden: CPython's context
+    /// deallocator unlinks a context from the collector's lists unconditionally, so it
+    /// must be in them when its last reference goes.
+    fn take_context(&mut self) -> Option<Py<PyAny>> {
+        let context = self.context.take()?;
+        if std::mem::take(self.context_hidden.get_mut()) {
+            // SAFETY: only `Drop` calls this, with the interpreter attached; the context
+            // is live and untracked (hidden).
+            unsafe { ffi::PyObject_GC_Track(context.as_ptr().cast()) };
+        }
+        Some(context)
     }
 
     fn do_cancel(&self, slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -165,11 +594,11 @@ impl Handle {
                 t.cancel_count.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if self.debug {
+        if let Some(d) = &self.debug_state {
             let r = Self::repr_text(slf, false)?;
-            *lock(&self.repr_at_cancel) = Some(r);
+            *lock(&d.repr_at_cancel) = Some(r);
         }
-        let dropped = lock(&self.callback).take();
+        let dropped = self.take_callback();
         drop(dropped);
         Ok(())
     }
@@ -177,37 +606,92 @@ impl Handle {
     /// Runs the callback inside its context. A `SystemExit`/`KeyboardInterrupt` is
     /// returned as an error for the loop to propagate; any other exception goes to the
     /// loop's exception handler.
+    ///
+    /// A one-shot handle outside debug mode gives its callback up as it runs (it will
+    /// not need it again), which saves taking extra references; it is put back for the
+    /// exception handler if the callback raises.
     pub(crate) fn run(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let (func, args) = match &*lock(&this.callback) {
-            Some(cb) => (cb.func.clone_ref(py), cb.args.clone_ref(py)),
-            None => return Ok(()),
+        let give_up = this.oneshot && !this.debug;
+        let cb = if give_up {
+            this.take_callback()
+        } else {
+            this.callback.lock().as_ref().map(|cb| cb.clone_ref(py))
         };
-        let result = run_in_context(py, this.context.bind(py), func.bind(py), args.bind(py));
-        if this.oneshot && !this.debug {
-            drop(lock(&this.callback).take());
-        }
-        match result {
-            Ok(()) => Ok(()),
-            Err(err) if is_fatal(py, &err) => Err(err),
-            Err(err) => {
-                let cb = pyhelpers::format_callback_source(py, func.bind(py), args.bind(py))?;
-                let ctx = PyDict::new(py);
-                ctx.set_item(
-                    intern!(py, "message"),
-                    format!("Exception in callback {cb}"),
-                )?;
-                ctx.set_item(intern!(py, "exception"), err.into_value(py))?;
-                ctx.set_item(intern!(py, "handle"), slf)?;
-                if let Some(tb) = &this.source_traceback {
-                    ctx.set_item(intern!(py, "source_traceback"), tb)?;
-                }
-                this.loop_
-                    .bind(py)
-                    .call_method1(intern!(py, "call_exception_handler"), (ctx,))?;
-                Ok(())
+        let Some(cb) = cb else {
+            return Ok(());
+        };
+        let func = cb.func.bind(py);
+        let result = this
+            .run_context(slf)
+            .and_then(|context| run_in_context(py, &context, || cb.args.call(py, func)));
+        let err = match result {
+            Ok(()) => {
+                cb.release(py);
+                return Ok(());
             }
+            Err(err) if is_fatal(py, &err) => return Err(err),
+            Err(err) => err,
+        };
+        let args = cb.args.to_tuple(py)?;
+        let text = pyhelpers::format_callback_source(py, func, &args)?;
+        let ctx = PyDict::new(py);
+        ctx.set_item(
+            intern!(py, "message"),
+            format!("Exception in callback {text}"),
+        )?;
+        ctx.set_item(intern!(py, "exception"), err.into_value(py))?;
+        ctx.set_item(intern!(py, "handle"), slf)?;
+        if let Some(tb) = this
+            .debug_state
+            .as_ref()
+            .and_then(|d| d.source_traceback.as_ref())
+        {
+            ctx.set_item(intern!(py, "source_traceback"), tb)?;
+        }
+        // The handler may show the handle: let it see the callback, as the stdlib's does.
+        this.put_back(give_up, &cb, py);
+        let reported = this
+            .loop_
+            .bind(py)
+            .call_method1(intern!(py, "call_exception_handler"), (ctx,));
+        if give_up {
+            drop(this.take_callback());
+        }
+        reported.map(drop)
+    }
+
+    /// The context to run the callback in: the handle's, or for an implicitly captured
+    /// empty one not made yet, a new empty context. It is kept in the handle only if
+    /// someone besides the ready queue holds the handle (and so could ask for it);
+    /// otherwise nothing can ever see it, and it goes once the callback returns.
+    fn run_context<'py>(&self, slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        if let Some(context) = self.context.get(py) {
+            return Ok(context);
+        }
+        // SAFETY: `slf` is a live object.
+        if unsafe { ffi::Py_REFCNT(slf.as_ptr()) } > 1 {
+            return self.context.materialize(py);
+        }
+        // SAFETY: the result is a new reference or NULL with an exception set.
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }
+    }
+
+    /// Returns a callback given up by [`Handle::run`] to its slot, unless the handle was
+    /// cancelled (or its slot refilled) meanwhile.
+    fn put_back(&self, given_up: bool, cb: &Callback, py: Python<'_>) {
+        if !given_up || self.is_cancelled() {
+            return;
+        }
+        let cb = cb.clone_ref(py);
+        let mut slot = self.callback.lock();
+        if slot.is_none() {
+            *slot = Some(cb);
+        } else {
+            drop(slot);
+            cb.release(py);
         }
     }
 
@@ -215,8 +699,10 @@ impl Handle {
         let py = slf.py();
         let this = slf.get();
         if with_cache {
-            if let Some(r) = &*lock(&this.repr_at_cancel) {
-                return Ok(r.clone());
+            if let Some(d) = &this.debug_state {
+                if let Some(r) = &*lock(&d.repr_at_cancel) {
+                    return Ok(r.clone());
+                }
             }
         }
         let mut info: Vec<String> = vec![slf.get_type().name()?.to_string()];
@@ -226,17 +712,19 @@ impl Handle {
         if let Some(t) = &this.timer {
             info.push(format!("when={}", py_float_repr(py, t.when)?));
         }
-        let cb = lock(&this.callback)
-            .as_ref()
-            .map(|c| (c.func.clone_ref(py), c.args.clone_ref(py)));
-        if let Some((func, args)) = cb {
+        let cb = this.callback.lock().as_ref().map(|c| c.clone_ref(py));
+        if let Some(cb) = cb {
             info.push(pyhelpers::format_callback_source(
                 py,
-                func.bind(py),
-                args.bind(py),
+                cb.func.bind(py),
+                &cb.args.to_tuple(py)?,
             )?);
         }
-        if let Some(tb) = &this.source_traceback {
+        if let Some(tb) = this
+            .debug_state
+            .as_ref()
+            .and_then(|d| d.source_traceback.as_ref())
+        {
             let tb = tb.bind(py);
             if tb.len()? > 0 {
                 let frame = tb.get_item(-1)?;
@@ -253,19 +741,18 @@ fn py_float_repr(py: Python<'_>, v: f64) -> PyResult<String> {
     Ok(pyo3::types::PyFloat::new(py, v).repr()?.to_string())
 }
 
-/// Calls `func(*args)` with `context` entered, like `context.run(func, *args)`.
+/// Calls `f` with `context` entered, like `context.run(f)`.
 fn run_in_context(
     py: Python<'_>,
     context: &Bound<'_, PyAny>,
-    func: &Bound<'_, PyAny>,
-    args: &Bound<'_, PyTuple>,
+    f: impl FnOnce() -> PyResult<()>,
 ) -> PyResult<()> {
     // SAFETY: `context` is a live object; PyContext_Enter type-checks it and fails with
     // an exception set (e.g. the context is already entered) without side effects.
     if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
         return Err(PyErr::fetch(py));
     }
-    let result = func.call1(args).map(drop);
+    let result = f();
     // SAFETY: we entered `context` above on this thread, so exiting it is balanced.
     if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
         let exit_err = PyErr::fetch(py);
@@ -298,8 +785,8 @@ impl Handle {
     }
 
     /// The `contextvars.Context` the callback runs in.
-    fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.context.clone_ref(py)
+    fn get_context(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.context(py)
     }
 
     /// Runs the callback now, as the loop would.
@@ -309,12 +796,13 @@ impl Handle {
 
     #[getter]
     fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        lock(&self.callback).as_ref().map(|c| c.func.clone_ref(py))
+        self.callback.lock().as_ref().map(|c| c.func.clone_ref(py))
     }
 
     #[getter]
-    fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
-        lock(&self.callback).as_ref().map(|c| c.args.clone_ref(py))
+    fn _args<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let args = self.callback.lock().as_ref().map(|c| c.args.clone_ref(py));
+        args.map(|a| a.to_tuple(py)).transpose()
     }
 
     #[getter]
@@ -323,8 +811,8 @@ impl Handle {
     }
 
     #[getter]
-    fn _context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.context.clone_ref(py)
+    fn _context(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.context(py)
     }
 
     #[getter]
@@ -334,7 +822,10 @@ impl Handle {
 
     #[getter]
     fn _source_traceback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.source_traceback.as_ref().map(|t| t.clone_ref(py))
+        self.debug_state
+            .as_ref()
+            .and_then(|d| d.source_traceback.as_ref())
+            .map(|t| t.clone_ref(py))
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {

@@ -47,7 +47,9 @@ pub mod udp;
 
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    handles::install(m.py())?;
     m.add_class::<event_loop::LoopCore>()?;
+    event_loop::install_fast_methods(m.py())?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     m.add_class::<sock::SockOp>()?;

@@ -101,20 +101,26 @@ impl<T: Timer> TimerHeap<T> {
         });
     }
 
-    /// Drops cancelled timers: all of them when they dominate the heap, otherwise only
-    /// those at the top, so that [`Self::next_deadline`] is a live timer's.
-    pub fn purge(&mut self) {
+    /// Removes cancelled timers into `dead`: all of them when they dominate the heap,
+    /// otherwise only those at the top, so that [`Self::next_deadline`] is a live timer's.
+    /// (The caller releases `dead` after unlocking: dropping a timer can run finalizers.)
+    pub fn purge(&mut self, dead: &mut Vec<T>) {
         let n = self.heap.len();
         let cancelled = self.cancelled.load(AtomicOrdering::Relaxed);
         if n > MIN_SCHEDULED && cancelled * 2 > n {
-            self.heap.retain(|e| {
-                if e.item.is_cancelled() {
+            let mut entries = std::mem::take(&mut self.heap).into_vec();
+            let mut i = 0;
+            while i < entries.len() {
+                if entries[i].item.is_cancelled() {
+                    let e = entries.swap_remove(i);
                     e.item.unschedule();
-                    false
+                    dead.push(e.item);
                 } else {
-                    true
+                    i += 1;
                 }
-            });
+            }
+            // Rebuilt from what is left; order comes from (deadline, sequence) alone.
+            self.heap = BinaryHeap::from(entries);
             self.cancelled.store(0, AtomicOrdering::Relaxed);
             return;
         }
@@ -125,6 +131,7 @@ impl<T: Timer> TimerHeap<T> {
             let e = self.heap.pop().expect("peeked entry exists");
             e.item.unschedule();
             self.note_dropped();
+            dead.push(e.item);
         }
     }
 
@@ -143,8 +150,8 @@ impl<T: Timer> TimerHeap<T> {
     }
 
     /// Removes every live timer due before `end`, in deadline-then-FIFO order, handing
-    /// each to `fire`; cancelled ones met on the way are dropped.
-    pub fn pop_due(&mut self, end: f64, mut fire: impl FnMut(T)) {
+    /// each to `fire`; cancelled ones met on the way go to `dead` (see [`Self::purge`]).
+    pub fn pop_due(&mut self, end: f64, dead: &mut Vec<T>, mut fire: impl FnMut(T)) {
         while let Some(top) = self.heap.peek() {
             if top.when >= end {
                 break;
@@ -153,6 +160,7 @@ impl<T: Timer> TimerHeap<T> {
             e.item.unschedule();
             if e.item.is_cancelled() {
                 self.note_dropped();
+                dead.push(e.item);
             } else {
                 fire(e.item);
             }
@@ -201,7 +209,7 @@ mod tests {
     }
     fn due(heap: &mut TimerHeap<T>, end: f64) -> Vec<u32> {
         let mut out = vec![];
-        heap.pop_due(end, |t| out.push(t.id));
+        heap.pop_due(end, &mut vec![], |t| out.push(t.id));
         out
     }
 
@@ -249,7 +257,7 @@ mod tests {
         h.push(1.0, a.clone());
         h.push(4.0, t(2));
         cancel(&h, &a);
-        h.purge();
+        h.purge(&mut vec![]);
         assert_eq!(h.next_deadline(), Some(4.0));
         assert_eq!(h.len(), 1);
     }
@@ -265,7 +273,7 @@ mod tests {
         for x in &timers[300..] {
             cancel(&h, x);
         }
-        h.purge();
+        h.purge(&mut vec![]);
         assert_eq!(h.len(), 300);
         assert!(!timers[999].scheduled.get());
         assert_eq!(h.cancel_counter().load(AtomicOrdering::Relaxed), 0);
@@ -281,9 +289,28 @@ mod tests {
         for x in &timers[5..] {
             cancel(&h, x);
         }
-        h.purge();
+        h.purge(&mut vec![]);
         assert_eq!(h.len(), 10);
         assert_eq!(due(&mut h, 100.0), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn dropped_timers_are_handed_back_to_be_released_by_the_caller() {
+        let mut h = TimerHeap::new();
+        let timers: Vec<T> = (0..4).map(t).collect();
+        for (i, x) in timers.iter().enumerate() {
+            h.push(i as f64, x.clone());
+        }
+        cancel(&h, &timers[0]);
+        cancel(&h, &timers[2]);
+        let mut dead = vec![];
+        h.purge(&mut dead);
+        assert_eq!(dead.iter().map(|x| x.id).collect::<Vec<_>>(), vec![0]);
+        let mut fired = vec![];
+        h.pop_due(10.0, &mut dead, |x| fired.push(x.id));
+        assert_eq!(fired, vec![1, 3]);
+        assert_eq!(dead.iter().map(|x| x.id).collect::<Vec<_>>(), vec![0, 2]);
+        assert!(timers.iter().all(|x| !x.scheduled.get()));
     }
 
     #[test]

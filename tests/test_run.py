@@ -610,6 +610,19 @@ def test_shutdown_default_executor_waits_for_running_jobs(loop):
     assert done == [True]
 
 
+def test_shutdown_default_executor_gives_up_after_the_timeout_with_a_warning(loop, impl):
+    # 3.12's asyncio.run passes a timeout; the 3.11 stdlib loop takes none.
+    if impl == "asyncio" and sys.version_info < (3, 12):
+        pytest.skip("the 3.11 stdlib loop has no timeout parameter")
+    release = threading.Event()
+    loop.run_in_executor(None, release.wait, 5)
+    try:
+        with pytest.warns(RuntimeWarning, match="within 0.05 seconds"):
+            loop.run_until_complete(loop.shutdown_default_executor(timeout=0.05))
+    finally:
+        release.set()
+
+
 # --------------------------------------------------------------------------- asyncio.run / Runner
 
 

@@ -338,8 +338,12 @@ class Loop(
             raise TypeError("executor must be ThreadPoolExecutor instance")
         self._default_executor = executor
 
-    async def shutdown_default_executor(self) -> None:
-        """Shut the default executor down without blocking the loop."""
+    async def shutdown_default_executor(self, timeout=None) -> None:
+        """Shut the default executor down without blocking the loop.
+
+        ``timeout`` (3.12's ``asyncio.run`` passes one): after that many seconds stop
+        waiting for its threads, with a RuntimeWarning, as the stdlib does.
+        """
         self._executor_shutdown_called = True
         if self._default_executor is None:
             return
@@ -347,19 +351,28 @@ class Loop(
         thread = threading.Thread(target=self._shutdown_executor_in_thread, args=(future,))
         thread.start()
         try:
-            await future
-        finally:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            warnings.warn(
+                f"The executor did not finishing joining its threads within {timeout} seconds.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._default_executor.shutdown(wait=False)
+        else:
             thread.join()
 
     def _shutdown_executor_in_thread(self, future) -> None:
         try:
             self._default_executor.shutdown(wait=True)
         except Exception as exc:
-            if not self.is_closed():
+            if not self.is_closed() and not future.cancelled():
                 self.call_soon_threadsafe(future.set_exception, exc)
         else:
+            # The waiter may have given up (timeout) and cancelled the future meanwhile.
             if not self.is_closed():
-                self.call_soon_threadsafe(future.set_result, None)
+                self.call_soon_threadsafe(futures._set_result_unless_cancelled, future, None)
 
     # -- signals ----------------------------------------------------------------------
 
