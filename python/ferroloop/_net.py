@@ -781,14 +781,21 @@ class NetMixin:
             raise
         except BaseException as exc:
             conn.close()  # no transport took the socket over
-            if self._debug:
-                context = {
-                    "message": "Error on transport creation for incoming connection",
-                    "exception": exc,
-                }
-                if protocol is not None:
-                    context["protocol"] = protocol
-                self.call_exception_handler(context)
+            self._report_accept_error(exc, protocol, None)
+
+    def _report_accept_error(self, exc, protocol, transport):
+        # Nobody to report to: the stdlib loop only reports it in debug mode.
+        if not self._debug:
+            return
+        context = {
+            "message": "Error on transport creation for incoming connection",
+            "exception": exc,
+        }
+        if protocol is not None:
+            context["protocol"] = protocol
+        if transport is not None:
+            context["transport"] = transport
+        self.call_exception_handler(context)
 
     def _resume_accepting(self, protocol_factory, sock, *args):
         # The server may have been closed while accepting was paused.
@@ -842,17 +849,7 @@ class NetMixin:
         except BaseException as exc:
             if transport is None:
                 conn.close()  # no transport took the socket over
-            # Nobody to report to: the stdlib loop only reports it in debug mode.
-            if self._debug:
-                context = {
-                    "message": "Error on transport creation for incoming connection",
-                    "exception": exc,
-                }
-                if protocol is not None:
-                    context["protocol"] = protocol
-                if transport is not None:
-                    context["transport"] = transport
-                self.call_exception_handler(context)
+            self._report_accept_error(exc, protocol, transport)
 
     # -- TLS upgrade ------------------------------------------------------------------------
 
