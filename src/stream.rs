@@ -795,8 +795,9 @@ fn addr_family(addr: &SockAddr) -> i32 {
 }
 
 /// The stdlib's constructor-time extra dict: the caller's `extra`, then `socket`,
-/// `sockname` and (unless given) `peername`.
-fn eager_extra<'py>(
+/// `sockname` and (unless given) `peername`. Datagram transports build theirs with it
+/// too.
+pub(crate) fn eager_extra<'py>(
     sock: &Bound<'py, PyAny>,
     extra: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {

@@ -207,7 +207,6 @@ impl NativeState for Dgram {
 
 static WARN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SET_RESULT_UNLESS_CANCELLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-static TRANSPORT_SOCKET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static DATAGRAM_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 impl Inner {
@@ -863,24 +862,7 @@ pub fn new_datagram_transport<'py>(
         return Err(PyValueError::new_err("socket is closed"));
     }
     let family: i32 = sock.getattr(intern!(py, "family"))?.extract()?;
-    let extra_dict = PyDict::new(py);
-    if let Some(e) = extra.filter(|e| !e.is_none()) {
-        extra_dict.update(e.cast::<pyo3::types::PyMapping>()?)?;
-    }
-    let tsock =
-        cached(py, &TRANSPORT_SOCKET, "asyncio.trsock", "TransportSocket")?.call1((&sock,))?;
-    extra_dict.set_item("socket", tsock)?;
-    let os_error_type = py.get_type::<PyOSError>();
-    for (key, method) in [("sockname", "getsockname"), ("peername", "getpeername")] {
-        if key == "peername" && extra_dict.contains(key)? {
-            continue;
-        }
-        match sock.call_method0(method) {
-            Ok(v) => extra_dict.set_item(key, v)?,
-            Err(e) if e.is_instance(py, &os_error_type) => extra_dict.set_item(key, py.None())?,
-            Err(e) => return Err(e),
-        }
-    }
+    let extra_dict = crate::stream::eager_extra(&sock, extra.filter(|e| !e.is_none()).as_ref())?;
     let connected = match extra_dict.get_item("peername")? {
         Some(p) => p.is_truthy()?,
         None => false,
