@@ -1,0 +1,39 @@
+"""Session-wide real servers for the integration tests: ``postgres`` and ``redis``.
+
+One private instance of each per test session (see services.py), shared by the stdlib-loop
+and ferroloop runs of every test.  When a server is not installed the tests that need it
+are skipped with the reason -- unless ``FERROLOOP_REQUIRE_SERVICES=1`` (``make test`` sets
+it, after installing them), where they fail: CI must not pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from integration import services
+
+
+def _unavailable(reason: str):
+    if os.environ.get("FERROLOOP_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (FERROLOOP_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    try:
+        with services.postgres_server() as server:
+            yield server
+    except services.ServiceUnavailable as exc:
+        _unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def redis_service():
+    try:
+        with services.redis_server() as server:
+            yield server
+    except services.ServiceUnavailable as exc:
+        _unavailable(str(exc))
