@@ -426,6 +426,25 @@ impl ContextSlot {
         }
     }
 
+    /// Keeps `context` as the handle's context if it has none yet: a one-shot callback
+    /// ran in a context nobody could see, and now the exception handler may ask for it.
+    fn adopt(&self, context: &Bound<'_, PyAny>) {
+        let ptr = context.as_ptr();
+        if self
+            .0
+            .compare_exchange(
+                std::ptr::null_mut(),
+                ptr,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            // The slot now owns a reference of its own.
+            std::mem::forget(context.clone());
+        }
+    }
+
     /// Takes the context out (the handle is going away).
     fn take(&mut self) -> Option<Py<PyAny>> {
         let ptr = std::mem::replace(self.0.get_mut(), std::ptr::null_mut());
@@ -623,9 +642,12 @@ impl Handle {
             return Ok(());
         };
         let func = cb.func.bind(py);
-        let result = this
-            .run_context(slf)
-            .and_then(|context| run_in_context(py, &context, || cb.args.call(py, func)));
+        let mut ran_in = None;
+        let result = this.run_context(slf).and_then(|context| {
+            let result = run_in_context(py, &context, || cb.args.call(py, func));
+            ran_in = Some(context);
+            result
+        });
         let err = match result {
             Ok(()) => {
                 cb.release(py);
@@ -634,6 +656,11 @@ impl Handle {
             Err(err) if is_fatal(py, &err) => return Err(err),
             Err(err) => err,
         };
+        // The handler runs in the handle's context from 3.12 on: it must be the one the
+        // callback ran in (and set variables in), not a new empty one.
+        if let Some(context) = &ran_in {
+            this.context.adopt(context);
+        }
         let args = cb.args.to_tuple(py)?;
         let text = pyhelpers::format_callback_source(py, func, &args)?;
         let ctx = PyDict::new(py);

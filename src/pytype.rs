@@ -57,6 +57,18 @@ impl Visit {
         unsafe { (self.visit)(obj.as_ptr(), self.arg) }
     }
 
+    /// Visits the object at `ptr` unless it is null.
+    ///
+    /// # Safety
+    /// `ptr` is null or a live object the traversed instance holds a reference to.
+    pub unsafe fn ptr(&self, ptr: *mut ffi::PyObject) -> c_int {
+        if ptr.is_null() {
+            return 0;
+        }
+        // SAFETY: `visit`/`arg` come from the collector, `ptr` is live (caller).
+        unsafe { (self.visit)(ptr, self.arg) }
+    }
+
     /// Visits `obj` if present.
     pub fn opt<T>(&self, obj: &Option<Py<T>>) -> c_int {
         obj.as_ref().map_or(0, |o| self.call(o))

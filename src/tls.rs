@@ -27,14 +27,13 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{
-    PyAssertionError, PyConnectionResetError, PyException, PyNotImplementedError, PyOSError,
-    PyRuntimeError, PyTypeError, PyValueError,
+    PyAssertionError, PyAttributeError, PyConnectionResetError, PyException, PyNotImplementedError,
+    PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
@@ -583,9 +582,8 @@ fn get_app_transport<'py>(slf: &Bound<'py, TlsProtocol>) -> PyResult<Bound<'py, 
     let t = pytype::new_instance(
         app_transport_type(py)?,
         AppTransport {
-            proto: ManuallyDrop::new(slf.clone().unbind()),
+            proto: AtomicPtr::new(slf.clone().unbind().into_ptr()),
             closed: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
         },
     )?;
     let mut g = p.lock()?;
@@ -1847,25 +1845,30 @@ fn extra_info(
 
 /// The Rust state of the application-side transport (`_SSLProtocolTransport`).
 pub struct AppTransport {
-    /// Dropped in `Drop`, attached: `tp_dealloc` runs outside any PyO3 call, where a
-    /// plain `Py` drop would only queue its decref until PyO3's next entry.
-    proto: ManuallyDrop<Py<TlsProtocol>>,
+    /// The protocol (an owned reference), or null once `close()` was called a second
+    /// time: the stdlib's transport forgets its protocol then, so a user's protocol that
+    /// keeps the transport no longer keeps the TLS state (and the `SSLContext`) alive.
+    /// Only changed with the interpreter attached; readers take their own reference.
+    proto: AtomicPtr<ffi::PyObject>,
     closed: AtomicBool,
-    /// `close()` was called twice: the stdlib forgets its protocol then (`abort()`
-    /// becomes a no-op).
-    detached: AtomicBool,
 }
 
 impl Drop for AppTransport {
     fn drop(&mut self) {
-        // SAFETY: dropped once, here; the field is never used again.
-        Python::attach(|_py| unsafe { ManuallyDrop::drop(&mut self.proto) });
+        let ptr = std::mem::replace(self.proto.get_mut(), std::ptr::null_mut());
+        if !ptr.is_null() {
+            // Attached: `tp_dealloc` runs outside any PyO3 call, where a plain `Py` drop
+            // would only queue its decref until PyO3's next entry.
+            // SAFETY: a non-null pointer is the reference this state owns.
+            Python::attach(|py| drop(unsafe { Bound::from_owned_ptr(py, ptr) }));
+        }
     }
 }
 
 impl NativeState for AppTransport {
     fn traverse(&self, visit: &Visit) -> c_int {
-        visit.call(&self.proto)
+        // SAFETY: a non-null pointer is the reference this state owns.
+        unsafe { visit.ptr(self.proto.load(Ordering::Acquire)) }
     }
 
     fn clear(&self, _py: Python<'_>) {}
@@ -1886,8 +1889,29 @@ impl NativeState for AppTransport {
 }
 
 impl AppTransport {
-    fn proto<'py>(&self, py: Python<'py>) -> &Bound<'py, TlsProtocol> {
-        self.proto.bind(py)
+    /// The protocol, or the `AttributeError` the stdlib's transport raises once it has
+    /// forgotten it.
+    fn proto<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, TlsProtocol>> {
+        self.proto_if_attached(py).ok_or_else(|| {
+            PyAttributeError::new_err("'NoneType' object has no attribute '_ssl_protocol'")
+        })
+    }
+
+    fn proto_if_attached<'py>(&self, py: Python<'py>) -> Option<Bound<'py, TlsProtocol>> {
+        let ptr = self.proto.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer is a live reference owned by this state; it is only
+        // released by `detach` or `Drop`, with the interpreter attached as here, so it
+        // cannot go while we take our own reference.
+        (!ptr.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(py, ptr).cast_into_unchecked() })
+    }
+
+    /// Forgets the protocol (the stdlib's second `close()`).
+    fn detach(&self, py: Python<'_>) {
+        let ptr = self.proto.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !ptr.is_null() {
+            // SAFETY: the reference this state owned, now ours to release.
+            drop(unsafe { Bound::from_owned_ptr(py, ptr) });
+        }
     }
 }
 
@@ -1911,7 +1935,7 @@ fn t_write(obj: &Bound<'_, PyAny>, st: &AppTransport, args: &Args<'_, '_>) -> Py
     let data = data.expect("required");
     check_data(&data)?;
     if data.is_truthy()? {
-        write_appdata(st.proto(py), std::slice::from_ref(&data))?;
+        write_appdata(&st.proto(py)?, std::slice::from_ref(&data))?;
     }
     Ok(none(py))
 }
@@ -1927,7 +1951,7 @@ fn t_writelines(
         .expect("required")
         .try_iter()?
         .collect::<PyResult<Vec<_>>>()?;
-    write_appdata(st.proto(py), &items)?;
+    write_appdata(&st.proto(py)?, &items)?;
     Ok(none(py))
 }
 
@@ -1957,7 +1981,7 @@ fn t_get_extra_info(
     let py = obj.py();
     let [name, default] = args.parse("get_extra_info", ["name", "default"], 1)?;
     extra_info(
-        st.proto(py).get(),
+        st.proto(py)?.get(),
         py,
         &name.expect("required"),
         default.map(Bound::unbind),
@@ -1971,7 +1995,7 @@ fn t_set_protocol(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
-    set_app_protocol(st.proto(py).get(), &protocol.expect("required"))?;
+    set_app_protocol(st.proto(py)?.get(), &protocol.expect("required"))?;
     Ok(none(py))
 }
 
@@ -1982,7 +2006,7 @@ fn t_get_protocol(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("get_protocol")?;
-    Ok(cl(py, &st.proto(py).get().lock()?.app_protocol).unwrap_or_else(|| none(py)))
+    Ok(cl(py, &st.proto(py)?.get().lock()?.app_protocol).unwrap_or_else(|| none(py)))
 }
 
 fn t_is_closing(
@@ -1998,9 +2022,9 @@ fn t_close(obj: &Bound<'_, PyAny>, st: &AppTransport, args: &Args<'_, '_>) -> Py
     let py = obj.py();
     args.none("close")?;
     if !st.closed.swap(true, Ordering::Relaxed) {
-        start_shutdown(st.proto(py))?;
+        start_shutdown(&st.proto(py)?)?;
     } else {
-        st.detached.store(true, Ordering::Relaxed);
+        st.detach(py);
     }
     Ok(none(py))
 }
@@ -2009,8 +2033,8 @@ fn t_abort(obj: &Bound<'_, PyAny>, st: &AppTransport, args: &Args<'_, '_>) -> Py
     let py = obj.py();
     args.none("abort")?;
     st.closed.store(true, Ordering::Relaxed);
-    if !st.detached.load(Ordering::Relaxed) {
-        abort(st.proto(py), None)?;
+    if let Some(proto) = st.proto_if_attached(py) {
+        abort(&proto, None)?;
     }
     Ok(none(py))
 }
@@ -2023,7 +2047,7 @@ fn t_force_close(
     let py = obj.py();
     let [exc] = args.parse("_force_close", ["exc"], 1)?;
     st.closed.store(true, Ordering::Relaxed);
-    abort(st.proto(py), exc)?;
+    abort(&st.proto(py)?, exc)?;
     Ok(none(py))
 }
 
@@ -2034,7 +2058,7 @@ fn t_is_reading(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("is_reading")?;
-    let paused = st.proto(py).get().lock()?.app_reading_paused;
+    let paused = st.proto(py)?.get().lock()?.app_reading_paused;
     Ok(py_bool(py, !paused))
 }
 
@@ -2045,7 +2069,7 @@ fn t_pause_reading(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("pause_reading")?;
-    st.proto(py).get().lock()?.app_reading_paused = true;
+    st.proto(py)?.get().lock()?.app_reading_paused = true;
     Ok(none(py))
 }
 
@@ -2056,7 +2080,7 @@ fn t_resume_reading(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("resume_reading")?;
-    let proto = st.proto(py);
+    let proto = st.proto(py)?;
     let was_paused = {
         let mut g = proto.get().lock()?;
         std::mem::replace(&mut g.app_reading_paused, false)
@@ -2079,13 +2103,13 @@ fn t_set_write_buffer_limits(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     let [high, low] = args.parse("set_write_buffer_limits", ["high", "low"], 0)?;
-    let proto = st.proto(py);
+    let proto = st.proto(py)?;
     let kb: i64 = constant(py, "FLOW_CONTROL_HIGH_WATER_SSL_WRITE")?.extract()?;
     let mut limits = Limits::new(py, 0);
     limits.set(py, high, low, kb)?;
     let old = std::mem::replace(&mut proto.get().lock()?.outgoing_limits, limits);
     drop(old);
-    control_app_writing(proto, false)?;
+    control_app_writing(&proto, false)?;
     Ok(none(py))
 }
 
@@ -2096,7 +2120,8 @@ fn t_get_write_buffer_limits(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("get_write_buffer_limits")?;
-    let g = st.proto(py).get().lock()?;
+    let proto = st.proto(py)?;
+    let g = proto.get().lock()?;
     let t = (
         g.outgoing_limits.low_obj.clone_ref(py),
         g.outgoing_limits.high_obj.clone_ref(py),
@@ -2112,7 +2137,8 @@ fn t_get_write_buffer_size(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("get_write_buffer_size")?;
-    let p = st.proto(py).get();
+    let proto = st.proto(py)?;
+    let p = proto.get();
     let size = p.outgoing_pending(py)? as isize + p.lock()?.write_buffer_size;
     Ok(size.into_pyobject(py)?.into_any().unbind())
 }
@@ -2124,13 +2150,13 @@ fn t_set_read_buffer_limits(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     let [high, low] = args.parse("set_read_buffer_limits", ["high", "low"], 0)?;
-    let proto = st.proto(py);
+    let proto = st.proto(py)?;
     let kb: i64 = constant(py, "FLOW_CONTROL_HIGH_WATER_SSL_READ")?.extract()?;
     let mut limits = Limits::new(py, 0);
     limits.set(py, high, low, kb)?;
     let old = std::mem::replace(&mut proto.get().lock()?.incoming_limits, limits);
     drop(old);
-    control_ssl_reading(proto)?;
+    control_ssl_reading(&proto)?;
     Ok(none(py))
 }
 
@@ -2141,7 +2167,8 @@ fn t_get_read_buffer_limits(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("get_read_buffer_limits")?;
-    let g = st.proto(py).get().lock()?;
+    let proto = st.proto(py)?;
+    let g = proto.get().lock()?;
     let t = (
         g.incoming_limits.low_obj.clone_ref(py),
         g.incoming_limits.high_obj.clone_ref(py),
@@ -2157,7 +2184,7 @@ fn t_get_read_buffer_size(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("get_read_buffer_size")?;
-    let size = st.proto(py).get().incoming_pending(py)?;
+    let size = st.proto(py)?.get().incoming_pending(py)?;
     Ok(size.into_pyobject(py)?.into_any().unbind())
 }
 
@@ -2168,7 +2195,7 @@ fn t_protocol_paused(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("_get_protocol_paused")?;
-    let paused = st.proto(py).get().lock()?.app_writing_paused;
+    let paused = st.proto(py)?.get().lock()?.app_writing_paused;
     Ok(py_bool(py, paused))
 }
 
@@ -2179,10 +2206,9 @@ fn t_ssl_protocol(
 ) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("_get_ssl_protocol")?;
-    if st.detached.load(Ordering::Relaxed) {
-        return Ok(none(py));
-    }
-    Ok(st.proto.clone_ref(py).into_any())
+    Ok(st
+        .proto_if_attached(py)
+        .map_or_else(|| none(py), |p| p.into_any().unbind()))
 }
 
 fn t_closed(obj: &Bound<'_, PyAny>, st: &AppTransport, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
@@ -2193,7 +2219,7 @@ fn t_closed(obj: &Bound<'_, PyAny>, st: &AppTransport, args: &Args<'_, '_>) -> P
 fn t_loop(obj: &Bound<'_, PyAny>, st: &AppTransport, args: &Args<'_, '_>) -> PyResult<Py<PyAny>> {
     let py = obj.py();
     args.none("_get_loop")?;
-    Ok(st.proto(py).get().loop_.clone_ref(py))
+    Ok(st.proto(py)?.get().loop_.clone_ref(py))
 }
 
 fn t_append_write_backlog(
@@ -2205,7 +2231,8 @@ fn t_append_write_backlog(
     let [data] = args.parse("_test__append_write_backlog", ["data"], 1)?;
     let data = data.expect("required");
     let n = data.len()? as isize;
-    let mut g = st.proto(py).get().lock()?;
+    let proto = st.proto(py)?;
+    let mut g = proto.get().lock()?;
     g.write_backlog.push_back(data.unbind());
     g.write_buffer_size += n;
     Ok(none(py))

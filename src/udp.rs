@@ -81,7 +81,7 @@ pub(crate) struct Inner {
     /// The `address` given at creation (`remote_addr`), when it is truthy: the only
     /// destination `sendto` accepts.
     address: Option<Py<PyAny>>,
-    /// Python 3.12+ sends empty datagrams; 3.11 ignores them.
+    /// Python 3.13+ sends empty datagrams; earlier versions ignore them (gh-113812).
     send_empty: bool,
     sock: Option<Py<PyAny>>,
     protocol_connected: bool,
@@ -880,7 +880,7 @@ pub fn new_datagram_transport<'py>(
             native_recv: matches!(family, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX),
             connected,
             address: truthy_address,
-            send_empty: py.version_info() >= (3, 12),
+            send_empty: py.version_info() >= (3, 13),
             sock: Some(sock.unbind()),
             protocol_connected: true,
             buffer: VecDeque::new(),

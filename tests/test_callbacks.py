@@ -1,6 +1,8 @@
 """call_soon / call_soon_threadsafe / Handle behaviour."""
 
+import asyncio
 import contextvars
+import gc
 import sys
 import threading
 import time
@@ -442,3 +444,34 @@ def test_debug_mode_rejects_call_soon_from_another_thread(loop):
         watchdog.cancel()
     assert len(errors) == 2
     assert all("Non-thread-safe operation" in e for e in errors)
+
+
+@pytest.mark.parametrize("failing", ["callback", "task"])
+def test_exception_handler_sees_the_failing_code_s_context_variables_from_3_12(
+    loop, failing, expect_loop_errors
+):
+    name = contextvars.ContextVar("name", default="unset")
+    seen = []
+    loop.set_exception_handler(lambda lp, ctx: seen.append(name.get()))
+
+    def callback():
+        name.set("set by the callback")
+        raise ZeroDivisionError
+
+    async def task():
+        name.set("set by the task")
+        raise ZeroDivisionError
+
+    async def main():
+        if failing == "callback":
+            loop.call_soon(callback)
+        else:
+            loop.create_task(task())  # never awaited: reported when collected
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(main())
+    gc.collect()
+    # 3.12 runs a custom handler in the context of the task or handle (gh-96704).
+    expected = f"set by the {failing}" if sys.version_info >= (3, 12) else "unset"
+    assert seen == [expected]

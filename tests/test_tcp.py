@@ -796,7 +796,11 @@ def test_close_and_abort_call_connection_lost_exactly_once(loop, tcp, first):
     assert events == ["made", "lost"]
 
 
-def test_write_after_close_or_connection_lost_is_silently_dropped(loop, tcp):
+def test_write_after_close_or_connection_lost_is_silently_dropped(loop, tcp, impl):
+    # From 3.12 the stdlib's writelines() after connection_lost raises TypeError (it skips
+    # write()'s check, gh-136234): pin the intended behaviour on ferroloop only there.
+    check_writelines = impl == "ferroloop" or sys.version_info < (3, 12)
+
     async def main():
         async with Session(tcp) as net:
             transport, client, peer = await net.connect_raw_peer()
@@ -806,7 +810,8 @@ def test_write_after_close_or_connection_lost_is_silently_dropped(loop, tcp):
             transport.write(b"after close")
             exc = await client.lost
             transport.write(b"after connection_lost")
-            transport.writelines([b"and", b"more"])
+            if check_writelines:
+                transport.writelines([b"and", b"more"])
             received = await recv_until_eof(peer)
         return exc, received
 

@@ -11,9 +11,11 @@ directions, flow control reaching the application protocol, the TLS shutdown on
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
 import threading
+import weakref
 
 import pytest
 from netutil import (
@@ -338,6 +340,37 @@ def test_peer_closing_first_delivers_eof_then_lost(loop, tls_contexts):
             assert client.events == ["made", "data", "eof", "lost"]
 
     run(loop, main())
+
+
+def test_closing_twice_forgets_the_tls_state_so_a_protocol_keeping_its_transport_frees_it(
+    loop, tls_contexts, tls_files
+):
+    server_context, _ = tls_contexts
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.load_verify_locations(tls_files[0])
+    context_ref = weakref.ref(client_context)
+
+    async def main(client_context):
+        async with Session(TcpEndpoint()) as net:
+            transport, client, server = await tls_pair(net, server_context, client_context)
+            server.transport.close()
+            await client.lost
+            # The application protocol keeps its transport (as most do); the first close()
+            # came from the peer's shutdown, this one detaches the transport from the TLS
+            # state, as the stdlib's does.
+            client.kept = transport
+            assert transport.is_closing()
+            transport.close()
+            return client
+
+    client = run(loop, main(client_context))
+    del client_context
+    gc.disable()  # freed by reference counting, not by a collection
+    try:
+        assert context_ref() is None
+        assert client.kept.is_closing()
+    finally:
+        gc.enable()
 
 
 def test_handshake_timeout(loop, tls_contexts):

@@ -40,6 +40,23 @@ def _stop_when_done(fut: asyncio.Future) -> None:
     futures._get_loop(fut).stop()
 
 
+# From 3.12 a custom exception handler runs in the context of the task or handle that
+# failed (gh-96704), so it sees the context variables the failing code set.
+_HANDLER_IN_CONTEXT = sys.version_info >= (3, 12)
+
+
+def _handler_context(context: dict):
+    """The ``contextvars.Context`` a 3.12+ exception handler runs in, or None."""
+    thing = context.get("task")
+    if thing is None:
+        thing = context.get("future")  # may hold a Task
+    if thing is None:
+        thing = context.get("handle")
+    get_context = getattr(thing, "get_context", None)
+    run_in = get_context() if get_context is not None else None
+    return run_in if hasattr(run_in, "run") else None
+
+
 def _sighandler_noop(signum, frame):
     """Installed for signals with loop handlers: the wake-up fd does the real work."""
 
@@ -260,7 +277,11 @@ class Loop(
                 logger.error("Exception in default exception handler", exc_info=True)
             return
         try:
-            self._exception_handler(self, context)
+            run_in = _handler_context(context) if _HANDLER_IN_CONTEXT else None
+            if run_in is not None:
+                run_in.run(self._exception_handler, self, context)
+            else:
+                self._exception_handler(self, context)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:

@@ -40,6 +40,7 @@ class Server(events.AbstractServer):
         # Weak, so that a transport dropped without being closed still gets its
         # "unclosed transport" ResourceWarning instead of being kept alive here.
         self._clients = weakref.WeakSet()
+        self._anonymous = 0
         # Futures of wait_closed() callers; None once they have been woken (closed and no
         # connection left), after which wait_closed() returns at once.
         self._waiters = []
@@ -56,14 +57,24 @@ class Server(events.AbstractServer):
 
     # -- connections (called by the transports) -------------------------------------------
 
-    def _attach(self, transport):
+    def _attach(self, transport=None):
         assert self._sockets is not None
-        self._clients.add(transport)
+        if transport is None:
+            # 3.12's signature (a bare count), which its own tests still call.
+            self._anonymous += 1
+        else:
+            self._clients.add(transport)
 
-    def _detach(self, transport):
-        self._clients.discard(transport)
-        if not self._clients and self._sockets is None:
+    def _detach(self, transport=None):
+        if transport is None:
+            self._anonymous -= 1
+        else:
+            self._clients.discard(transport)
+        if not self._has_clients() and self._sockets is None:
             self._wakeup()
+
+    def _has_clients(self):
+        return bool(self._clients) or self._anonymous > 0
 
     def _wakeup(self):
         waiters, self._waiters = self._waiters, None
@@ -115,7 +126,7 @@ class Server(events.AbstractServer):
         if fut is not None and not fut.done():
             fut.cancel()
             self._serving_forever_fut = None
-        if not self._clients:
+        if not self._has_clients():
             self._wakeup()
 
     def close_clients(self):
