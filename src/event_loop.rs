@@ -14,7 +14,7 @@
 //! `call_soon_threadsafe`, which appends under the queue's lock and wakes the wait; no
 //! lock is ever held while Python code runs or while the interpreter is detached.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -62,6 +62,11 @@ pub struct LoopCore {
     slow_callback_duration: Mutex<f64>,
     /// Spent handles kept for reuse while the loop runs (emptied when it stops).
     pool: HandlePool,
+    /// fd -> the object (not an int) `add_reader`/`add_writer` first registered it with,
+    /// kept while the fd has a reader or writer callback: once that object is a closed
+    /// socket (whose `fileno()` is -1), `remove_reader`/`remove_writer` find its
+    /// registration by identity, as the selectors' exhaustive lookup does.
+    fileobjs: Mutex<HashMap<RawFd, Py<PyAny>>>,
 }
 
 fn current_thread_ident() -> u64 {
@@ -286,14 +291,14 @@ impl LoopCore {
 
     fn add_io(
         slf: &Bound<'_, Self>,
-        fd: &Bound<'_, PyAny>,
+        fileobj: &Bound<'_, PyAny>,
         write: bool,
         callback: Bound<'_, PyAny>,
         args: Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         let this = slf.get();
         this.check_closed()?;
-        let fd = fileobj_to_fd(fd)?;
+        let fd = fileobj_to_fd(fileobj)?;
         this.ensure_fd_no_transport(slf.py(), fd)?;
         let method = if write { "add_writer" } else { "add_reader" };
         this.check_callback(&callback, method, false)?;
@@ -304,26 +309,68 @@ impl LoopCore {
             .reactor
             .add(fd, write, Waiter::Callback(handle.clone_ref(slf.py())))
             .map_err(os_error)?;
+        if !fileobj.is_instance_of::<PyInt>() {
+            lock(&this.fileobjs)
+                .entry(fd)
+                .or_insert_with(|| fileobj.clone().unbind());
+        }
         if let Some(old) = old {
             old.cancel(slf.py())?;
         }
         Ok(handle)
     }
 
-    fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, write: bool) -> PyResult<bool> {
+    fn remove_io(slf: &Bound<'_, Self>, fileobj: &Bound<'_, PyAny>, write: bool) -> PyResult<bool> {
+        let py = slf.py();
         let this = slf.get();
         if this.closed.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let fd = fileobj_to_fd(fd)?;
-        this.ensure_fd_no_transport(slf.py(), fd)?;
-        match this.reactor.remove(fd, write) {
+        let fd = match fileobj_to_fd(fileobj) {
+            Ok(fd) => {
+                this.ensure_fd_no_transport(py, fd)?;
+                fd
+            }
+            // (The stdlib's transport check sees fd -1 here: no transport.)
+            Err(e) => this.closed_fileobj_fd(fileobj).ok_or(e)?,
+        };
+        let old = this.reactor.remove(fd, write);
+        let forgotten = if this.reactor.has(fd, false) || this.reactor.has(fd, true) {
+            None
+        } else {
+            lock(&this.fileobjs).remove(&fd)
+        };
+        // Released with no lock held: dropping the object can run its finalizer.
+        drop(forgotten);
+        match old {
             Some(old) => {
-                old.cancel(slf.py())?;
+                old.cancel(py)?;
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+
+    /// The fd that `add_reader`/`add_writer` registered `fileobj` under, if `fileobj` is
+    /// an object (not an int) whose `fileno()` now gives a negative number (a closed
+    /// socket): `selectors`' `_fileobj_lookup` falls back to this identity search.
+    #[cold]
+    fn closed_fileobj_fd(&self, fileobj: &Bound<'_, PyAny>) -> Option<RawFd> {
+        let py = fileobj.py();
+        if fileobj.is_instance_of::<PyInt>() {
+            return None;
+        }
+        let negative = fileobj
+            .call_method0(intern!(py, "fileno"))
+            .and_then(|n| n.extract::<i64>())
+            .is_ok_and(|n| n < 0);
+        if !negative {
+            return None;
+        }
+        lock(&self.fileobjs)
+            .iter()
+            .find(|(_, obj)| obj.is(fileobj))
+            .map(|(fd, _)| *fd)
     }
 
     /// One iteration (see the module docs). `batch` is the caller's empty buffer for the
@@ -569,6 +616,7 @@ impl LoopCore {
             debug: AtomicBool::new(false),
             slow_callback_duration: Mutex::new(0.1),
             pool: HandlePool::default(),
+            fileobjs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -975,6 +1023,7 @@ impl LoopCore {
             (s.ready.clear(), s.timers.clear())
         };
         let (registered, targets) = self.reactor.clear();
+        let fileobjs = std::mem::take(&mut *lock(&self.fileobjs));
         drop(self.pool.drain());
         // Released with no lock held: dropping a callback can run arbitrary finalizers.
         let queued = ready.iter().filter_map(|job| match job {
@@ -985,6 +1034,7 @@ impl LoopCore {
             h.get().release();
         }
         drop(targets);
+        drop(fileobjs);
         drop(ready);
     }
 }

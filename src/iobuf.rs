@@ -194,6 +194,12 @@ impl Drop for RawBuffer {
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static WARN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
+/// Looks up `warnings.warn` now: a transport left open until the interpreter exits
+/// warns from its finalizer, when importing is no longer possible.
+pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
+    cached(py, &WARN, "warnings", "warn").map(drop)
+}
+
 pub(crate) fn logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     cached(py, &LOGGER, "asyncio.log", "logger")
 }

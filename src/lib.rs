@@ -48,6 +48,7 @@ pub mod udp;
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     handles::install(m.py())?;
+    iobuf::install(m.py())?;
     m.add_class::<event_loop::LoopCore>()?;
     event_loop::install_fast_methods(m.py())?;
     m.add_class::<handles::Handle>()?;

@@ -310,8 +310,8 @@ unsafe extern "C" fn tp_clear<S: NativeState>(obj: *mut ffi::PyObject) -> c_int 
             }
         }
         if let Some(s) = (*field(obj, STATE_FROM_END) as *const S).as_ref() {
-            // `attach`: see tp_dealloc.
-            Python::attach(|_| {
+            // `attach_unchecked`: see tp_dealloc.
+            Python::attach_unchecked(|_| {
                 let _ = catch_unwind(AssertUnwindSafe(|| s.clear(py)));
             });
         }
@@ -359,9 +359,14 @@ unsafe extern "C" fn tp_dealloc<S: NativeState>(obj: *mut ffi::PyObject) {
         }
         let state = std::mem::replace(&mut *field(obj, STATE_FROM_END), ptr::null_mut());
         if !state.is_null() {
-            // Inside `attach`, so the state's Python references are released now: outside
-            // any PyO3 call, PyO3 would only queue them until its next entry.
-            Python::attach(|_| drop(Box::from_raw(state.cast::<S>())));
+            // Inside an attach, so the state's Python references are released now: outside
+            // any PyO3 call, PyO3 would only queue them until its next entry. The thread
+            // is attached already (CPython deallocates with it attached), so PyO3's checks
+            // of the interpreter's state are skipped: they fail while the interpreter
+            // finalizes (`Py_IsInitialized()` is 0 then, and PyO3 panics on a first
+            // attach, or on any attach from 3.13 on), which is when a cycle left over at
+            // exit is collected -- a panic here would abort the process.
+            Python::attach_unchecked(|_| drop(Box::from_raw(state.cast::<S>())));
         }
         let free = (*tp).tp_free.expect("heap types have tp_free");
         free(obj.cast());

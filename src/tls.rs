@@ -1857,10 +1857,10 @@ impl Drop for AppTransport {
     fn drop(&mut self) {
         let ptr = std::mem::replace(self.proto.get_mut(), std::ptr::null_mut());
         if !ptr.is_null() {
-            // Attached: `tp_dealloc` runs outside any PyO3 call, where a plain `Py` drop
-            // would only queue its decref until PyO3's next entry.
-            // SAFETY: a non-null pointer is the reference this state owns.
-            Python::attach(|py| drop(unsafe { Bound::from_owned_ptr(py, ptr) }));
+            // SAFETY: a non-null pointer is the reference this state owns. Only
+            // `tp_dealloc` drops the state, with the thread attached; a `Bound` releases
+            // its reference at once (no PyO3 attach, which fails during finalization).
+            drop(unsafe { Bound::from_owned_ptr(Python::assume_attached(), ptr) });
         }
     }
 }

@@ -228,6 +228,65 @@ def test_remove_reader_and_writer_return_whether_something_was_removed(loop, soc
     assert loop.remove_writer(w.fileno()) is False
 
 
+@pytest.mark.parametrize("direction", ["reader", "writer"])
+def test_remove_reader_and_writer_find_a_socket_closed_after_registering(loop, direction):
+    # AnyIO's Unix streams close their socket, then remove its reader from a future's
+    # done callback: the selectors find a closed socket (fileno() == -1) by identity.
+    add = getattr(loop, f"add_{direction}")
+    remove = getattr(loop, f"remove_{direction}")
+    a, b = socket.socketpair()
+    with b:
+        add(a, print)
+        a.close()
+        assert a.fileno() == -1
+        assert remove(a) is True
+        # Gone: the registration is forgotten, as the selector's key is.
+        with pytest.raises(ValueError):
+            remove(a)
+
+
+def test_remove_reader_of_a_closed_socket_never_registered_raises_value_error(loop):
+    a, b = socket.socketpair()
+    b.close()
+    a.close()
+    with pytest.raises(ValueError):
+        loop.remove_reader(a)
+    with pytest.raises(ValueError):
+        loop.remove_writer(a)
+
+
+def test_fd_of_a_closed_and_removed_socket_serves_a_new_transport(loop):
+    # After remove_reader(closed socket), nothing of the old registration is left to
+    # clash with a transport on a new socket that gets the same fd number.
+    old, old_peer = socket.socketpair()
+    old_peer.close()
+    fd = old.fileno()
+    loop.add_reader(old, print)
+    old.close()
+    assert loop.remove_reader(old) is True
+
+    reused, b = socket.socketpair()
+    if b.fileno() == fd:
+        reused, b = b, reused
+    if reused.fileno() != fd:  # move the new socket to the old fd number
+        os.dup2(reused.fileno(), fd, inheritable=False)
+        reused.close()
+        reused = socket.socket(fileno=fd)
+
+    async def main():
+        reader, writer = await asyncio.open_connection(sock=reused)
+        try:
+            b.sendall(b"over the reused fd")
+            async with asyncio.timeout(5):
+                return await reader.readexactly(len(b"over the reused fd"))
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    with b:
+        assert loop.run_until_complete(main()) == b"over the reused fd"
+
+
 def test_removed_reader_is_not_called(loop, sockpair):
     r, w = sockpair
     calls = []

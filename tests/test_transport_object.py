@@ -11,6 +11,8 @@ import gc
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 import warnings
 import weakref
@@ -192,3 +194,71 @@ def test_slow_protocol_callback_in_debug_mode_is_logged_not_fatal(loop, caplog):
     with caplog.at_level(logging.WARNING, logger="asyncio"):
         assert loop.run_until_complete(main()) == b"x"
     assert any("took" in r.getMessage() for r in caplog.records)
+
+
+_CYCLE_AT_EXIT = """
+import asyncio, os, socket, ssl, sys
+
+class Holder:
+    pass
+
+def leak(obj):
+    # A garbage cycle holding the object: collected only while the interpreter exits.
+    holder = Holder()
+    holder.me = holder
+    holder.obj = obj
+
+loop = new_loop()
+kind = sys.argv[1]
+
+async def main():
+    if kind == "socket":
+        a, b = socket.socketpair()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+        b.close()
+    elif kind == "datagram":
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+        )
+    elif kind == "pipe":
+        r, w = os.pipe()
+        transport, _ = await loop.connect_read_pipe(asyncio.Protocol, os.fdopen(r, "rb"))
+        os.close(w)
+    elif kind == "tls":
+        cert, key = sys.argv[2], sys.argv[3]
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.load_verify_locations(cert)
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(
+            asyncio.Protocol, "127.0.0.1", port, ssl=client_ctx
+        )
+        server.close()
+    transport.close()
+    await asyncio.sleep(0.05)
+    leak(transport)
+
+loop.run_until_complete(main())
+loop.close()
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["socket", "datagram", "pipe", "tls"])
+def test_transport_in_a_garbage_cycle_at_exit_does_not_crash_the_interpreter(
+    loop_factory_code, kind, tls_files
+):
+    # The collector frees such a cycle during interpreter finalization, when
+    # Py_IsInitialized() is already 0: deallocating the transport must not assume more.
+    cert, key = tls_files
+    done = subprocess.run(
+        [sys.executable, "-c", loop_factory_code + _CYCLE_AT_EXIT, kind, str(cert), str(key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "exiting\n"
+    assert "panicked" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
