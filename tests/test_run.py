@@ -141,7 +141,11 @@ def test_get_running_loop_inside_returns_the_loop(loop):
         asyncio.get_running_loop()
 
 
-def test_run_forever_while_running_raises(loop):
+def test_run_forever_while_running_raises(loop, impl):
+    if impl == "asyncio" and sys.version_info[:3] == (3, 13, 0):
+        # 3.13.0's run_forever() cleans up after a setup that raised, marking the outer
+        # loop as not running: the nested run_until_complete() then runs it (3.13.1 fix).
+        pytest.skip("3.13.0's stdlib loop runs re-entrantly after this error")
     errors = []
 
     def nested():
@@ -317,8 +321,10 @@ def test_task_factory_get_set_and_receives_loop_and_coro(loop):
     assert loop.get_task_factory() is factory
 
     task = loop.create_task(noop(), name="named")
-    # 3.11 calls factory(loop, coro) when no context is given, and sets the name afterwards.
-    assert calls == [(loop, {})]
+    # factory(loop, coro) when no context is given, and the name set afterwards -- except
+    # on 3.13.3 and from 3.14 on, which hand the factory the name (gh-128307).
+    gets_name = sys.version_info >= (3, 14) or sys.version_info[:3] == (3, 13, 3)
+    assert calls == [(loop, {"name": "named"} if gets_name else {})]
     assert task.get_name() == "named"
     loop.run_until_complete(task)
 

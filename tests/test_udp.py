@@ -585,7 +585,14 @@ def sink(loop, short_dir):
 
 
 @needs_unix
-def test_buffered_datagrams_count_payload_bytes_and_drive_pause_and_resume_writing(loop, sink):
+def test_buffered_datagrams_count_payload_bytes_and_drive_pause_and_resume_writing(
+    loop, sink, impl
+):
+    if impl == "asyncio" and sys.version_info[:3] == (3, 13, 0):
+        pytest.skip("3.13.0's stdlib adds a header per buffered datagram but never removes it")
+    # 3.13 counts 8 header bytes per buffered datagram beside its payload.
+    per_datagram = 1000 + (8 if sys.version_info >= (3, 13) else 0)
+
     async def main():
         tr, pr = await loop.create_datagram_endpoint(
             Recorder, remote_addr=sink.path, family=socket.AF_UNIX
@@ -593,7 +600,7 @@ def test_buffered_datagrams_count_payload_bytes_and_drive_pause_and_resume_writi
         sent = fill_until_buffered(tr)
         for i in range(sent, sent + 5):
             tr.sendto(b"%08d" % i + b"\0" * 992)
-        assert tr.get_write_buffer_size() == 6 * 1000
+        assert tr.get_write_buffer_size() == 6 * per_datagram
         assert "pause" not in pr.events
         tr.set_write_buffer_limits(high=4000)  # low becomes 1000
         assert pr.events[-1] == "pause"
@@ -809,9 +816,11 @@ def test_sock_argument_uses_the_given_socket(loop):
 
 
 def test_sock_argument_must_be_a_datagram_socket(loop):
+    wanted = "datagram socket" if sys.version_info >= (3, 13) else "UDP Socket"
+
     async def main():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            with pytest.raises(ValueError, match="A UDP Socket was expected, got "):
+            with pytest.raises(ValueError, match=f"A {wanted} was expected, got "):
                 await loop.create_datagram_endpoint(Recorder, sock=sock)
 
     run(loop, main())

@@ -45,6 +45,11 @@ def _stop_when_done(fut: asyncio.Future) -> None:
 _HANDLER_IN_CONTEXT = sys.version_info >= (3, 12)
 
 
+# A task factory is handed ``name=`` in 3.13.3 (by accident) and from 3.14 on; 3.13.4
+# went back to calling set_name() afterwards (gh-128307, gh-133745).
+_FACTORY_GETS_NAME = sys.version_info >= (3, 14) or sys.version_info[:3] == (3, 13, 3)
+
+
 def _handler_context(context: dict):
     """The ``contextvars.Context`` a 3.12+ exception handler runs in, or None."""
     thing = context.get("task")
@@ -190,7 +195,7 @@ class Loop(
             if task._source_traceback:
                 del task._source_traceback[-1]
             return task
-        if sys.version_info >= (3, 13) and name is not None:
+        if _FACTORY_GETS_NAME and name is not None:
             kwargs["name"] = name
             name = None
         task = self._task_factory(self, coro, **kwargs)

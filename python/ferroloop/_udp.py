@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import sys
 from asyncio.log import logger
+
+# How create_datagram_endpoint(sock=) names the socket it wanted (3.13 took "datagram").
+_SOCK_KIND = "datagram socket" if sys.version_info >= (3, 13) else "UDP Socket"
 
 __all__ = ["DatagramMixin"]
 
@@ -67,7 +71,7 @@ class DatagramMixin:
         """
         if sock is not None:
             if sock.type != socket.SOCK_DGRAM:
-                raise ValueError(f"A UDP Socket was expected, got {sock!r}")
+                raise ValueError(f"A {_SOCK_KIND} was expected, got {sock!r}")
             if (
                 local_addr
                 or remote_addr
