@@ -700,9 +700,12 @@ impl LoopCore {
         self.is_debug()
     }
 
+    /// Takes any object, by its truth value: `set_debug(0)`/`set_debug(1)` are common
+    /// (the stdlib stores whatever it is given).
     #[setter(_debug)]
-    fn debug_set(&self, value: bool) {
-        self.debug.store(value, Ordering::Relaxed);
+    fn debug_set(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.debug.store(value.is_truthy()?, Ordering::Relaxed);
+        Ok(())
     }
 
     /// In debug mode, callbacks running at least this long are logged.

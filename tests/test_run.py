@@ -455,6 +455,16 @@ def test_debug_mode_defaults_to_env_and_can_be_toggled(loop):
     assert loop.get_debug() is False
 
 
+def test_set_debug_takes_any_truth_value(loop):
+    # aiohttp's own tests call set_debug(0) and set_debug(1).
+    loop.set_debug(1)
+    assert loop.get_debug()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.set_debug(0)
+    assert not loop.get_debug()
+    loop.run_until_complete(asyncio.sleep(0))
+
+
 def slow_callback_for_debug_test():
     time.sleep(0.06)
 
