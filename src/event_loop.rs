@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
@@ -24,12 +24,13 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyInt, PyString, PyTuple};
 use pyo3::{ffi, intern};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::clock::monotonic;
 use crate::errors::os_error;
-use crate::handles::{Args, Handle, HandlePool, NewHandle};
+use crate::handles::{Args, Handle, HandlePool, NewHandle, ScratchContext, TimerHandle};
 use crate::pyhelpers::{cached, call_with_keywords};
-use crate::reactor::{Dispatch, Reactor, Waiter, SIGNAL_TOKEN};
+use crate::reactor::{Dispatch, IoEvent, Reactor, Waiter, SIGNAL_TOKEN};
 use crate::ready::{Job, ReadyQueue};
 use crate::signals::Signals;
 use crate::sock::Call;
@@ -44,7 +45,7 @@ const CLOCK_RESOLUTION: f64 = 1e-9;
 #[derive(Default)]
 struct Scheduler {
     ready: ReadyQueue<Job>,
-    timers: TimerHeap<Py<Handle>>,
+    timers: TimerHeap<Py<TimerHandle>>,
 }
 
 /// The Rust half of `ferroloop.Loop`: everything that runs per callback, per timer or
@@ -60,6 +61,10 @@ pub struct LoopCore {
     thread_id: AtomicU64,
     debug: AtomicBool,
     slow_callback_duration: Mutex<f64>,
+    /// `set_task_factory`'s factory (the `_task_factory` attribute), kept here so that
+    /// `create_task` can tell there is none without an attribute lookup; visited by the
+    /// collector (see `__traverse__`).
+    task_factory: Mutex<Option<Py<PyAny>>>,
     /// Spent handles kept for reuse while the loop runs (emptied when it stops).
     pool: HandlePool,
     /// fd -> the object (not an int) `add_reader`/`add_writer` first registered it with,
@@ -73,6 +78,30 @@ fn current_thread_ident() -> u64 {
     // SAFETY: pthread_self has no preconditions. CPython's threading.get_ident() is the
     // same value cast to an unsigned long.
     unsafe { libc::pthread_self() as u64 }
+}
+
+/// What a run of the loop (`run_forever`, or one `_run_once`) keeps across its
+/// iterations; owned by the run, so using it needs no lock.
+struct RunState {
+    /// The callbacks the current iteration runs; empty between iterations, and kept so
+    /// that iterations neither allocate nor free a buffer.
+    batch: VecDeque<Job>,
+    /// The empty context reused by callbacks that need a fresh one (released by the
+    /// owner when the run ends).
+    scratch: ScratchContext,
+    /// Spent handles go to the loop's pool (see `HandlePool`), which the owner must
+    /// empty when the run ends.
+    recycle: bool,
+}
+
+impl RunState {
+    fn new(recycle: bool) -> Self {
+        Self {
+            batch: VecDeque::new(),
+            scratch: ScratchContext::default(),
+            recycle,
+        }
+    }
 }
 
 /// Drops `v`, without the out-of-line drop glue when it never allocated (so holds
@@ -216,6 +245,10 @@ impl LoopCore {
 
     fn is_debug(&self) -> bool {
         self.debug.load(Ordering::Relaxed)
+    }
+
+    fn has_task_factory(&self) -> bool {
+        lock(&self.task_factory).is_some()
     }
 
     /// The stdlib's `_check_callback` (debug mode adds its thread and coroutine checks;
@@ -373,11 +406,39 @@ impl LoopCore {
             .map(|(fd, _)| *fd)
     }
 
-    /// One iteration (see the module docs). `batch` is the caller's empty buffer for the
-    /// callbacks it runs (kept across iterations, so they neither allocate nor free it);
-    /// with `recycle`, spent handles go to the loop's pool (see `HandlePool`), which the
-    /// caller must empty when it is done.
-    fn run_once(slf: &Bound<'_, Self>, batch: &mut VecDeque<Job>, recycle: bool) -> PyResult<()> {
+    /// One iteration (see the module docs), with the caller's [`RunState`].
+    ///
+    /// The common iteration of a busy loop (callbacks ready, no timer, no fd registered)
+    /// takes its batch under one lock and goes straight to running it; everything else
+    /// lives in out-of-line helpers, so the code run per callback stays small (it shares
+    /// the instruction cache with the interpreter's own hot code).
+    #[inline]
+    fn run_once(slf: &Bound<'_, Self>, state: &mut RunState) -> PyResult<()> {
+        let this = slf.get();
+        let batch = &mut state.batch;
+        let fast = {
+            let mut s = this.sched();
+            // Nothing to wait for (callbacks ready, or stopping), no timer to queue, and
+            // nothing but the wake-up eventfd in the set (see `Reactor::is_idle`).
+            let fast = s.timers.is_empty()
+                && (!s.ready.is_empty() || this.stopping.load(Ordering::Relaxed))
+                && this.reactor.is_idle();
+            if fast {
+                s.ready.swap_batch(batch);
+            }
+            fast
+        };
+        if !fast {
+            Self::collect_ready(slf, batch)?;
+        }
+        Self::run_batch(slf, state)
+    }
+
+    /// Steps 1 to 3 of an iteration: waits for I/O (no longer than the earliest timer),
+    /// then moves into `batch` what is ready: fired I/O and signal callbacks, due timers
+    /// and the callbacks queued so far.
+    #[inline(never)]
+    fn collect_ready(slf: &Bound<'_, Self>, batch: &mut VecDeque<Job>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
         // Timers dropped from the heap, released once the lock is given back.
@@ -429,13 +490,28 @@ impl LoopCore {
             if !s.timers.is_empty() {
                 let end = monotonic() + CLOCK_RESOLUTION;
                 let ready = &mut s.ready;
-                s.timers
-                    .pop_due(end, &mut dead, |h| ready.push_back(Job::Callback(h)));
+                s.timers.pop_due(end, &mut dead, |h| {
+                    ready.push_back(Job::Callback(h.into_bound(py).into_super().unbind()))
+                });
             }
             s.ready.swap_batch(batch);
         }
         release_vec(dead);
+        Ok(())
+    }
+
+    /// Step 4 of an iteration: runs the callbacks in `batch`. If one raises
+    /// `SystemExit`/`KeyboardInterrupt`, the rest go back to the front of the queue.
+    #[inline]
+    fn run_batch(slf: &Bound<'_, Self>, state: &mut RunState) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
         let debug = this.is_debug();
+        let RunState {
+            batch,
+            scratch,
+            recycle,
+        } = state;
         while let Some(job) = batch.pop_front() {
             let result = match job {
                 Job::Callback(handle) => {
@@ -445,32 +521,44 @@ impl LoopCore {
                         continue;
                     }
                     let result = if debug {
-                        this.run_timed(slf, h.as_any(), || Handle::run(&h))
+                        this.run_timed(slf, h.as_any(), || Handle::run(&h, None))
                     } else {
-                        Handle::run(&h)
+                        Handle::run(&h, Some(scratch))
                     };
-                    if recycle {
+                    if *recycle {
                         this.pool.recycle(h);
                     }
                     result
                 }
-                Job::Io(ev) => {
-                    let target = ev.target.bind(py);
-                    let run =
-                        || in_context(py, ev.context.as_ref(), || (ev.dispatch)(target, ev.write));
-                    if debug {
-                        this.run_timed(slf, target, run)
-                    } else {
-                        run()
-                    }
-                }
+                Job::Io(ev) => Self::run_io(slf, ev, debug),
             };
             if let Err(err) = result {
-                this.sched().ready.requeue_front(batch);
-                return Err(err);
+                return Err(this.interrupted(batch, err));
             }
         }
         Ok(())
+    }
+
+    /// Runs a native transport's (or waiter's) dispatch for a ready fd.
+    #[inline(never)]
+    fn run_io(slf: &Bound<'_, Self>, ev: IoEvent, debug: bool) -> PyResult<()> {
+        let py = slf.py();
+        let target = ev.target.bind(py);
+        let run = || in_context(py, ev.context.as_ref(), || (ev.dispatch)(target, ev.write));
+        if debug {
+            slf.get().run_timed(slf, target, run)
+        } else {
+            run()
+        }
+    }
+
+    /// A callback raised `SystemExit`/`KeyboardInterrupt`: the rest of its batch goes
+    /// back to the front of the queue, and the error propagates.
+    #[cold]
+    #[inline(never)]
+    fn interrupted(&self, batch: &mut VecDeque<Job>, err: PyErr) -> PyErr {
+        self.sched().ready.requeue_front(batch);
+        err
     }
 
     /// Runs `f` and reports it through `_log_slow_callback` if it took too long.
@@ -615,6 +703,7 @@ impl LoopCore {
             thread_id: AtomicU64::new(0),
             debug: AtomicBool::new(false),
             slow_callback_duration: Mutex::new(0.1),
+            task_factory: Mutex::new(None),
             pool: HandlePool::default(),
             fileobjs: Mutex::new(HashMap::new()),
         })
@@ -627,16 +716,19 @@ impl LoopCore {
 
     /// Runs one iteration (exposed for tests and for `run_forever`'s Python half).
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::run_once(slf, &mut VecDeque::new(), false)
+        let mut state = RunState::new(false);
+        let result = Self::run_once(slf, &mut state);
+        state.scratch.release(slf.py());
+        result
     }
 
     /// Iterates until `stop()` is called; the stop flag is cleared on the way out.
     fn _run_forever_core(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
         let pinned = pin_call_soon(slf)?;
-        let mut batch = VecDeque::new();
+        let mut state = RunState::new(true);
         let result = loop {
-            if let Err(e) = Self::run_once(slf, &mut batch, true) {
+            if let Err(e) = Self::run_once(slf, &mut state) {
                 break Err(e);
             }
             if this.stopping.load(Ordering::Relaxed) {
@@ -645,6 +737,7 @@ impl LoopCore {
         };
         this.stopping.store(false, Ordering::Relaxed);
         drop(this.pool.drain());
+        state.scratch.release(slf.py());
         let unpinned = unpin_call_soon(slf, pinned);
         result.and(unpinned)
     }
@@ -693,6 +786,37 @@ impl LoopCore {
     /// Debug mode flag.
     fn get_debug(&self) -> bool {
         self.is_debug()
+    }
+
+    /// The task factory (`set_task_factory` sets it), or None.
+    #[getter(_task_factory)]
+    fn task_factory_get(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        lock(&self.task_factory).as_ref().map(|f| f.clone_ref(py))
+    }
+
+    #[setter(_task_factory)]
+    fn task_factory_set(&self, factory: Option<Py<PyAny>>) {
+        // The old factory is released after the lock is given back (its finalizer may
+        // run code).
+        let old = std::mem::replace(&mut *lock(&self.task_factory), factory);
+        drop(old);
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // Never waits: the lock is only held for a few instructions that allocate
+        // nothing, but a collection must not block. Not visiting only makes the
+        // collector keep the factory alive this time.
+        if let Ok(factory) = self.task_factory.try_lock() {
+            if let Some(factory) = &*factory {
+                visit.call(factory)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let old = lock(&self.task_factory).take();
+        drop(old);
     }
 
     #[getter(_debug)]
@@ -870,6 +994,9 @@ impl LoopCore {
 
     /// Wraps `coro` in a Task. A task factory, extra keywords (for the factory) and
     /// debug mode go through the Python half's `_create_task_py`.
+    ///
+    /// The class's `create_task` is the fast one (`create_task_fast`), which handles the
+    /// plain cases itself and calls this for the others.
     #[pyo3(signature = (coro, *, name=None, context=None, **kwargs))]
     fn create_task<'py>(
         slf: &Bound<'py, Self>,
@@ -885,7 +1012,7 @@ impl LoopCore {
         this.check_closed()?;
         let plain = !this.is_debug()
             && kwargs.as_ref().is_none_or(|k| k.is_empty())
-            && slf.getattr(intern!(py, "_task_factory"))?.is_none();
+            && !this.has_task_factory();
         let none = py.None().into_bound(py);
         let name = name.unwrap_or_else(|| none.clone());
         let context = context.unwrap_or(none);
@@ -1033,7 +1160,8 @@ impl LoopCore {
             Job::Callback(h) => Some(h),
             Job::Io(_) => None,
         });
-        for h in queued.chain(&timers).chain(&registered) {
+        let timers = timers.iter().map(TimerHandle::base);
+        for h in queued.chain(timers).chain(&registered) {
             h.get().release();
         }
         drop(targets);
@@ -1042,14 +1170,14 @@ impl LoopCore {
     }
 }
 
-// -- call_soon, call_soon_threadsafe, call_later, call_at ---------------------------------
+// -- call_soon, call_soon_threadsafe, call_later, call_at, create_task -------------------
 //
-// These four run once per callback (the C `Task` calls `call_soon(step, context=ctx)` for
-// every step), so they are METH_FASTCALL|METH_KEYWORDS functions of their own instead of
-// `#[pymethods]`: PyO3's generic argument extraction would build a tuple for `*args` and
-// walk a keyword table on every call. Their C entry points are lighter than PyO3's
-// trampoline (see [`fast_entry`]); they are installed on `LoopCore` by
-// [`install_fast_methods`].
+// The first four run once per callback (the C `Task` calls `call_soon(step, context=ctx)`
+// for every step), `create_task` once per task, so they are METH_FASTCALL|METH_KEYWORDS
+// functions of their own instead of `#[pymethods]`: PyO3's generic argument extraction
+// would build a tuple for `*args` and walk a keyword table on every call. Their C entry
+// points are lighter than PyO3's trampoline (see [`fast_entry`]); they are installed on
+// `LoopCore` by [`install_fast_methods`].
 
 impl LoopCore {
     /// `call_soon`/`call_soon_threadsafe` once the arguments are parsed.
@@ -1080,7 +1208,11 @@ impl LoopCore {
 
     /// `call_at` (and `call_later`, which computes `when` first) once the arguments are
     /// parsed.
-    fn schedule_at(slf: &Bound<'_, Self>, when: f64, call: CallArgs<'_>) -> PyResult<Py<Handle>> {
+    fn schedule_at(
+        slf: &Bound<'_, Self>,
+        when: f64,
+        call: CallArgs<'_>,
+    ) -> PyResult<Py<TimerHandle>> {
         if when.is_nan() {
             return Err(PyValueError::new_err("timer deadline must not be NaN"));
         }
@@ -1145,6 +1277,7 @@ impl Signature {
     #[cold]
     fn keyword(&self, name: Borrowed<'_, '_, PyString>) -> PyResult<Keyword> {
         if name == "context" {
+            remember_context_alias(name);
             Ok(Keyword::Context)
         } else if name == "callback" {
             Ok(Keyword::Callback)
@@ -1159,10 +1292,60 @@ impl Signature {
     /// Parses a vectorcall argument array: `nargs` positional values, then one value per
     /// name in `kwnames` (a tuple of str, or NULL).
     ///
+    /// The usual calls (the leading parameters positional, no keyword but `context`)
+    /// are parsed inline; the others by [`Self::parse_general`].
+    ///
     /// # Safety
     /// `args` must hold `nargs` plus `len(kwnames)` live object pointers, as CPython
     /// passes them to a METH_FASTCALL|METH_KEYWORDS function.
+    #[inline(always)]
     unsafe fn parse<'py>(
+        &self,
+        py: Python<'py>,
+        args: *const *mut ffi::PyObject,
+        nargs: ffi::Py_ssize_t,
+        kwnames: *mut ffi::PyObject,
+    ) -> PyResult<CallArgs<'py>> {
+        let n = nargs as usize;
+        let fixed = usize::from(self.lead.is_some()) + 1;
+        let context = if n < fixed {
+            None
+        } else if kwnames.is_null() {
+            Some(std::ptr::null_mut())
+        // SAFETY: a non-NULL `kwnames` is a tuple of str (vectorcall protocol), and its
+        // one value follows the positional ones.
+        } else if unsafe { ffi::PyTuple_GET_SIZE(kwnames) == 1 && is_context_name(py, kwnames) } {
+            Some(unsafe { *args.add(n) })
+        } else {
+            None
+        };
+        let Some(context) = context else {
+            // SAFETY: forwarded unchanged (see the safety section).
+            return unsafe { self.parse_general(py, args, nargs, kwnames) };
+        };
+        // SAFETY: the caller guarantees `nargs` positional pointers.
+        let positional = unsafe { raw_slice(args, n) };
+        let get = |p: *mut ffi::PyObject| {
+            // SAFETY: every pointer in the argument array is a live object.
+            unsafe { Bound::from_borrowed_ptr(py, p) }
+        };
+        // SAFETY: a borrowed pointer to the None singleton.
+        let none = unsafe { ffi::Py_None() };
+        Ok(CallArgs {
+            lead: self.lead.map(|_| get(positional[0])),
+            callback: get(positional[fixed - 1]),
+            args: Args::from_slice(py, &positional[fixed..])?,
+            context: (!context.is_null() && context != none).then(|| get(context)),
+        })
+    }
+
+    /// [`Self::parse`] for any call (and its errors).
+    ///
+    /// # Safety
+    /// As for [`Self::parse`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn parse_general<'py>(
         &self,
         py: Python<'py>,
         args: *const *mut ffi::PyObject,
@@ -1185,12 +1368,14 @@ impl Signature {
             let count = unsafe { ffi::PyTuple_GET_SIZE(kwnames) } as usize;
             // SAFETY: one value per keyword name follows the positional ones.
             let values = unsafe { raw_slice(args.add(nargs), count) };
-            // Callers pass interned names, so identity settles the usual case.
+            // Python callers pass interned names, and the C `Task` and `Future` always
+            // the same (not interned) one, so identity settles the usual cases.
             let context_name = intern!(py, "context").as_ptr();
+            let context_alias = CONTEXT_ALIAS.load(Ordering::Relaxed);
             for (i, &value) in values.iter().enumerate() {
                 // SAFETY: `i` is within the tuple.
                 let name = unsafe { ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t) };
-                let keyword = if name == context_name {
+                let keyword = if name == context_name || name == context_alias {
                     Keyword::Context
                 } else {
                     // SAFETY: keyword names are live str objects.
@@ -1219,17 +1404,52 @@ impl Signature {
             (_, _, None) => return Err(self.missing(&["callback"])),
         };
         let rest = positional.get(fixed..).unwrap_or(&[]);
-        let args = match rest {
-            [] => Args::Zero,
-            [one] => Args::One(get(*one).unbind()),
-            many => Args::Many(PyTuple::new(py, many.iter().map(|p| get(*p)))?.unbind()),
-        };
+        // SAFETY: the argument array holds live objects (see the safety section).
+        let args = unsafe { Args::from_slice(py, rest)? };
         Ok(CallArgs {
             lead,
             callback,
             args,
             context: context.filter(|c| !c.is_none()),
         })
+    }
+}
+
+/// A `"context"` str object other than the interned one, seen as a keyword name: the C
+/// `Task` and `Future` (before 3.12) name the keyword with a string of their own on
+/// every `call_soon`, which would otherwise be compared by value each time.
+///
+/// The slot keeps a reference for the life of the process, so the address can never
+/// belong to another object: matching it is as good as comparing the text.
+static CONTEXT_ALIAS: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Whether the one name in `kwnames` is `context`, by identity with the interned name
+/// or with [`CONTEXT_ALIAS`] (a name compared by value is left to the general parser).
+///
+/// # Safety
+/// `kwnames` is a tuple of one str.
+#[inline(always)]
+unsafe fn is_context_name(py: Python<'_>, kwnames: *mut ffi::PyObject) -> bool {
+    // SAFETY: index 0 exists (upheld by the caller).
+    let name = unsafe { ffi::PyTuple_GET_ITEM(kwnames, 0) };
+    name == CONTEXT_ALIAS.load(Ordering::Relaxed) || name == intern!(py, "context").as_ptr()
+}
+
+/// Records `name` (equal to `"context"`) in [`CONTEXT_ALIAS`] if the slot is empty.
+#[cold]
+fn remember_context_alias(name: Borrowed<'_, '_, PyString>) {
+    let ptr = name.as_ptr();
+    if CONTEXT_ALIAS
+        .compare_exchange(
+            std::ptr::null_mut(),
+            ptr,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        // The slot's reference, never released (see `CONTEXT_ALIAS`).
+        std::mem::forget(name.to_owned());
     }
 }
 
@@ -1363,6 +1583,143 @@ unsafe fn call_at_fast(
     Ok(LoopCore::schedule_at(slf, when, call)?.into_ptr())
 }
 
+/// `create_task(coro, *, name=None, context=None, **kwargs)`.
+///
+/// `ensure_future` and `gather` call it for every task, mostly as `create_task(coro)`:
+/// that case (and `name=`/`context=` keywords) outside debug mode and without a task
+/// factory calls `Task(coro, loop=self, ...)` from here; anything else goes to the
+/// general method, PyO3's `create_task` (see [`install_fast_methods`]), so it behaves
+/// (and fails) exactly as before.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of `LoopCore`.
+unsafe fn create_task_fast(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    static TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static LOOP_ONLY: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+    static ALL: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+    // SAFETY: CPython's method-call contract (see the function's safety section).
+    let this = unsafe { receiver(py, &slf) }.get();
+    // SAFETY: as above: `nargs` positional values, then one per keyword name.
+    let plain = (nargs == 1 && !this.is_debug() && !this.has_task_factory())
+        .then(|| unsafe { task_keywords(py, args.add(1), kwnames) })
+        .flatten();
+    let Some((name, context)) = plain else {
+        // SAFETY: forwarded unchanged from CPython.
+        return unsafe { create_task_general(py, slf, args, nargs, kwnames) };
+    };
+    this.check_closed()?;
+    let task = cached(py, &TASK, "asyncio.tasks", "Task")?.as_ptr();
+    // SAFETY: `args` holds the one positional argument.
+    let coro = unsafe { *args };
+    // SAFETY: a borrowed pointer to the None singleton.
+    let none = unsafe { ffi::Py_None() };
+    // The keywords left out default to None, as when passed as None.
+    let (all, names) = if name.is_null() && context.is_null() {
+        let names =
+            LOOP_ONLY.get_or_try_init(py, || PyTuple::new(py, ["loop"]).map(Bound::unbind))?;
+        ([coro, slf, none, none], names)
+    } else {
+        let names = ALL.get_or_try_init(py, || {
+            PyTuple::new(py, ["loop", "name", "context"]).map(Bound::unbind)
+        })?;
+        let or_none = |p: *mut ffi::PyObject| if p.is_null() { none } else { p };
+        ([coro, slf, or_none(name), or_none(context)], names)
+    };
+    // SAFETY: `all` starts with the one positional argument, then a live value for each
+    // name in `names` (all borrowed for the call); the result is a new reference or NULL
+    // with an exception set.
+    let task = unsafe { ffi::PyObject_Vectorcall(task, all.as_ptr(), 1, names.as_ptr()) };
+    if task.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    Ok(task)
+}
+
+/// The `name` and `context` values (NULL when absent or None) of a plain
+/// `create_task(coro, ...)` call, or None if another keyword is passed (or a name is
+/// not one of the interned strings Python passes), for the general method to handle.
+///
+/// # Safety
+/// `values` holds one live object pointer per name in `kwnames` (a tuple of str, or
+/// NULL).
+unsafe fn task_keywords(
+    py: Python<'_>,
+    values: *const *mut ffi::PyObject,
+    kwnames: *mut ffi::PyObject,
+) -> Option<(*mut ffi::PyObject, *mut ffi::PyObject)> {
+    let (mut name, mut context) = (std::ptr::null_mut(), std::ptr::null_mut());
+    if kwnames.is_null() {
+        return Some((name, context));
+    }
+    // SAFETY: a non-NULL `kwnames` is a tuple of str (vectorcall protocol).
+    let count = unsafe { ffi::PyTuple_GET_SIZE(kwnames) } as usize;
+    // SAFETY: one value per keyword name (upheld by the caller).
+    let values = unsafe { raw_slice(values, count) };
+    // SAFETY: a borrowed pointer to the None singleton.
+    let none = unsafe { ffi::Py_None() };
+    for (i, &value) in values.iter().enumerate() {
+        // SAFETY: `i` is within the tuple.
+        let key = unsafe { ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t) };
+        let slot = if key == intern!(py, "name").as_ptr() {
+            &mut name
+        } else if key == intern!(py, "context").as_ptr() {
+            &mut context
+        } else {
+            return None;
+        };
+        if value != none {
+            *slot = value;
+        }
+    }
+    Some((name, context))
+}
+
+/// The general `create_task`: PyO3's method, called with the arguments as they came.
+///
+/// # Safety
+/// As for [`create_task_fast`].
+#[cold]
+unsafe fn create_task_general(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    let Some(general) = GENERAL_CREATE_TASK.get(py) else {
+        return Err(PyRuntimeError::new_err("create_task is not initialised"));
+    };
+    let nkw = if kwnames.is_null() {
+        0
+    } else {
+        // SAFETY: a non-NULL `kwnames` is a tuple (vectorcall protocol).
+        unsafe { ffi::PyTuple_GET_SIZE(kwnames) as usize }
+    };
+    // SAFETY: CPython passes `nargs` positional values, then one per keyword name.
+    let rest = unsafe { raw_slice(args, nargs as usize + nkw) };
+    // The method descriptor takes the instance as its first positional argument.
+    let all: Vec<*mut ffi::PyObject> = std::iter::once(slf).chain(rest.iter().copied()).collect();
+    // SAFETY: `all` holds `nargs + 1` positional values then the keyword values, live
+    // references borrowed for the call; the result is a new reference or NULL with an
+    // exception set.
+    let ret = unsafe {
+        ffi::PyObject_Vectorcall(general.as_ptr(), all.as_ptr(), nargs as usize + 1, kwnames)
+    };
+    if ret.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    Ok(ret)
+}
+
+/// PyO3's `create_task` method descriptor, which the fast one replaces on the class.
+static GENERAL_CREATE_TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
 /// What a fast method does once its C entry point has set up.
 type FastMethod = unsafe fn(
     Python<'_>,
@@ -1439,10 +1796,11 @@ fast_entry_points!(
     call_soon_threadsafe_fast_entry => call_soon_threadsafe_fast,
     call_later_fast_entry => call_later_fast,
     call_at_fast_entry => call_at_fast,
+    create_task_fast_entry => create_task_fast,
 );
 
 /// The method table of the fast methods; CPython keeps pointers into it for good.
-struct FastMethods([ffi::PyMethodDef; 4]);
+struct FastMethods([ffi::PyMethodDef; 5]);
 
 // SAFETY: the table is never written after construction and holds only pointers to
 // static strings and functions, so sharing it between threads is sound.
@@ -1483,12 +1841,24 @@ static FAST_METHODS: FastMethods = FastMethods([
         ml_flags: FAST_FLAGS,
         ml_doc: c"call_at($self, when, callback, *args, context=None)\n--\n\nSchedules `callback(*args)` at `when` on the loop clock.".as_ptr(),
     },
+    ffi::PyMethodDef {
+        ml_name: c"create_task".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: create_task_fast_entry,
+        },
+        ml_flags: FAST_FLAGS,
+        ml_doc: c"create_task($self, coro, *, name=None, context=None, **kwargs)\n--\n\nWraps `coro` in a Task.".as_ptr(),
+    },
 ]);
 
-/// Adds `call_soon`, `call_soon_threadsafe`, `call_later` and `call_at` to `LoopCore`
-/// (see the section comment above); called once when the module is initialised.
+/// Adds `call_soon`, `call_soon_threadsafe`, `call_later`, `call_at` and `create_task` to
+/// `LoopCore` (see the section comment above), keeping PyO3's `create_task` for the cases
+/// the fast one hands over; called once when the module is initialised.
 pub fn install_fast_methods(py: Python<'_>) -> PyResult<()> {
     let class = py.get_type::<LoopCore>();
+    // The general `create_task` stays reachable for the cases the fast one hands over.
+    let general = class.getattr("create_task")?.unbind();
+    GENERAL_CREATE_TASK.get_or_init(py, || general);
     for def in &FAST_METHODS.0 {
         // SAFETY: `class` is a live type object; `def` is a static definition whose
         // function matches its flags, and CPython never writes through the pointer.

@@ -50,6 +50,21 @@ impl Args {
         }
     }
 
+    /// The arguments in a vectorcall argument array.
+    ///
+    /// # Safety
+    /// Every pointer in `args` is a live object.
+    #[inline]
+    pub(crate) unsafe fn from_slice(py: Python<'_>, args: &[*mut ffi::PyObject]) -> PyResult<Self> {
+        // SAFETY: live objects (upheld by the caller); each Bound takes a reference.
+        let get = |p: *mut ffi::PyObject| unsafe { Bound::from_borrowed_ptr(py, p) };
+        Ok(match args {
+            [] => Args::Zero,
+            [one] => Args::One(get(*one).unbind()),
+            many => Args::Many(PyTuple::new(py, many.iter().map(|p| get(*p)))?.unbind()),
+        })
+    }
+
     /// The arguments as a tuple (`Handle._args`, callback formatting).
     pub(crate) fn to_tuple<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         match self {
@@ -76,8 +91,10 @@ impl Args {
         }
     }
 
-    /// `func(*args)`, discarding the result.
-    fn call(&self, py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// `func(*args)`, discarding the result; false if it raised (the exception is left
+    /// set, see [`run_in_context`]).
+    #[inline]
+    fn call(&self, func: &Bound<'_, PyAny>) -> bool {
         let f = func.as_ptr();
         // SAFETY: `f` and the arguments are live objects we hold references to; each
         // call returns a new reference or NULL with an exception set.
@@ -88,8 +105,12 @@ impl Args {
                 Args::Many(t) => ffi::PyObject_Call(f, t.as_ptr(), std::ptr::null_mut()),
             }
         };
-        // SAFETY: as above; the result (None, usually) is dropped at once.
-        unsafe { Bound::from_owned_ptr_or_err(py, ret) }.map(drop)
+        if ret.is_null() {
+            return false;
+        }
+        // SAFETY: `ret` is a new reference (None, usually), released at once.
+        unsafe { ffi::Py_DECREF(ret) };
+        true
     }
 }
 
@@ -112,13 +133,6 @@ impl Callback {
         drop(self.func.into_bound(py));
         self.args.release(py);
     }
-}
-
-/// Timer-only state of a handle.
-pub(crate) struct TimerState {
-    when: f64,
-    scheduled: AtomicBool,
-    cancel_count: Arc<AtomicUsize>,
 }
 
 /// What a handle keeps in debug mode only.
@@ -144,15 +158,50 @@ pub struct Handle {
     cancelled: AtomicBool,
     debug: bool,
     /// Runs at most once (`call_soon`/`call_later`), unlike reader, writer and signal
-    /// handles; such a handle drops its callback when it runs (see [`untracked`]).
+    /// handles; such a handle drops its callback when it runs (see [`install`]).
     oneshot: bool,
     debug_state: Option<Box<DebugState>>,
-    timer: Option<TimerState>,
+    /// The handle is a [`TimerHandle`].
+    timer: bool,
+    /// Unused: makes a handle object 96 bytes (see [`HANDLE_SIZE`]).
+    _padding: [usize; 2],
 }
 
+/// The size of `Handle`'s fields: a handle object is these plus the 16-byte object
+/// header, 96 bytes on 64-bit platforms.
+///
+/// Not 80, which the fields alone would make: CPython's small-object allocator keeps
+/// each 16-byte size class in its own pools, and the 80-byte class is also that of weak
+/// references (asyncio registers every task through one) and of small tuples and
+/// builtin methods, all collector objects. Handles, queued by the thousand, interleaved
+/// with those spread them over twice the memory, and every collection walks them: in a
+/// tree of 56,000 tasks the collector took 20% longer. Almost no collector object is 96
+/// bytes.
+const HANDLE_SIZE: usize = 10 * std::mem::size_of::<usize>();
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Handle>() == HANDLE_SIZE);
+
 /// A callback scheduled for a deadline (`asyncio.TimerHandle`'s interface).
-#[pyclass(frozen, extends = Handle, module = "ferroloop", name = "TimerHandle")]
-pub struct TimerHandle;
+///
+/// The timer state lives here rather than in `Handle`, so plain handles (the
+/// per-callback object) stay smaller. Not a collector type either (see [`install`]).
+#[pyclass(frozen, subclass, extends = Handle, module = "ferroloop", name = "TimerHandle")]
+pub struct TimerHandle {
+    when: f64,
+    /// In the loop's timer heap.
+    scheduled: AtomicBool,
+    /// The heap's count of cancelled entries, bumped if cancelled while scheduled.
+    cancel_count: Arc<AtomicUsize>,
+}
+
+impl TimerHandle {
+    /// The `Handle` part of a timer handle.
+    pub(crate) fn base(h: &Py<TimerHandle>) -> &Py<Handle> {
+        // SAFETY: `Py<T>` is a transparent object pointer whatever `T`, and a
+        // `TimerHandle` is a `Handle` (its base class, laid out first).
+        unsafe { &*std::ptr::from_ref(h).cast::<Py<Handle>>() }
+    }
+}
 
 /// Everything needed to build a handle.
 pub(crate) struct NewHandle<'py> {
@@ -185,7 +234,7 @@ impl NewHandle<'_> {
         // NULL with an exception set.
         let ctx = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())? };
         // SAFETY: `ctx` is a live context; its length is its number of variables.
-        if lazy && !debug && unsafe { ffi::PyObject_Size(ctx.as_ptr()) } == 0 {
+        if lazy && !debug && unsafe { ffi::PyMapping_Size(ctx.as_ptr()) } == 0 {
             // Released at once: the context free list gives it to the next copy.
             return Ok((None, false));
         }
@@ -204,7 +253,7 @@ impl NewHandle<'_> {
         Ok((Some(ctx.unbind()), !debug))
     }
 
-    fn build(self, timer: Option<TimerState>, oneshot: bool) -> PyResult<Handle> {
+    fn build(self, timer: bool, oneshot: bool) -> PyResult<Handle> {
         let py = self.func.py();
         let (context, context_hidden) =
             Self::capture_context(py, self.context, self.debug, oneshot)?;
@@ -229,6 +278,7 @@ impl NewHandle<'_> {
             oneshot,
             debug_state,
             timer,
+            _padding: [0; 2],
         })
     }
 
@@ -236,7 +286,7 @@ impl NewHandle<'_> {
     pub fn handle(self, oneshot: bool) -> PyResult<Py<Handle>> {
         let py = self.func.py();
         let debug = self.debug;
-        let handle = self.build(None, oneshot)?;
+        let handle = self.build(false, oneshot)?;
         if debug {
             let init = PyClassInitializer::from(handle).add_subclass(TrackedHandle);
             Ok(Bound::new(py, init)?.into_super().unbind())
@@ -255,7 +305,7 @@ impl NewHandle<'_> {
         };
         let py = self.func.py();
         let this = h.get();
-        debug_assert!(this.loop_.is(self.loop_) && this.oneshot && this.timer.is_none());
+        debug_assert!(this.loop_.is(self.loop_) && this.oneshot && !this.timer);
         let (context, hidden) = Self::capture_context(py, self.context, false, true)?;
         // SAFETY: `h` came out of the pool, which held the only reference to it (see
         // `HandlePool`), and that reference is now ours: nothing else can read the slot.
@@ -263,53 +313,33 @@ impl NewHandle<'_> {
         debug_assert!(old.is_none());
         this.context_hidden.store(hidden, Ordering::Relaxed);
         this.cancelled.store(false, Ordering::Relaxed);
-        let old = this.callback.lock().replace(Callback {
+        let cb = Callback {
             func: self.func.unbind(),
             args: self.args,
-        });
+        };
+        // SAFETY: as above, no one else can reach the handle, so no one holds or takes
+        // its lock.
+        let old = unsafe { this.callback.with_unlocked(|slot| slot.replace(cb)) };
         debug_assert!(old.is_none());
         Ok(h)
     }
 
     /// A timer handle due at `when`, counted in `cancel_count` if cancelled while scheduled.
-    pub fn timer(self, when: f64, cancel_count: Arc<AtomicUsize>) -> PyResult<Py<Handle>> {
+    pub fn timer(self, when: f64, cancel_count: Arc<AtomicUsize>) -> PyResult<Py<TimerHandle>> {
         let py = self.func.py();
-        let state = TimerState {
+        let debug = self.debug;
+        let init = PyClassInitializer::from(self.build(true, true)?).add_subclass(TimerHandle {
             when,
             scheduled: AtomicBool::new(true),
             cancel_count,
-        };
-        let debug = self.debug;
-        let init =
-            PyClassInitializer::from(self.build(Some(state), true)?).add_subclass(TimerHandle);
-        Ok(untracked(
-            Bound::new(py, init)?.into_super().unbind(),
-            debug,
-        ))
+        });
+        if debug {
+            let init = init.add_subclass(TrackedTimerHandle);
+            Ok(Bound::new(py, init)?.into_super().unbind())
+        } else {
+            Py::new(py, init)
+        }
     }
-}
-
-/// Takes a new timer handle out of the cyclic garbage collector's lists (outside debug
-/// mode).
-///
-/// Handles are short-lived and numerous (one per task step); tracked, a queue of a
-/// million of them makes every collection walk them all, which cost more than
-/// scheduling itself. The collector cannot see an untracked object's references, so a
-/// cycle through one would never be freed; handles therefore hold their callback only
-/// while the loop holds them: a one-shot handle drops it once run, a cancelled one at
-/// once, and `close()` drops every queued or registered handle. In debug mode handles
-/// stay tracked and keep their callback, as the stdlib's do, for the reports.
-///
-/// Plain handles go further: `Handle` is not a GC type at all (see [`install`]), so
-/// they are neither tracked nor counted towards the collector's allocation thresholds;
-/// debug mode makes [`TrackedHandle`]s instead.
-fn untracked(handle: Py<Handle>, debug: bool) -> Py<Handle> {
-    if !debug {
-        // SAFETY: timer handles are GC objects, fully initialised and tracked (PyO3
-        // tracks what it allocates); untracking is allowed.
-        unsafe { ffi::PyObject_GC_UnTrack(handle.as_ptr().cast()) };
-    }
-    handle
 }
 
 /// Debug mode's plain handles: a `Handle` the cyclic garbage collector tracks, as the
@@ -317,37 +347,68 @@ fn untracked(handle: Py<Handle>, debug: bool) -> Py<Handle> {
 #[pyclass(frozen, extends = Handle, module = "ferroloop", name = "Handle")]
 pub struct TrackedHandle;
 
-/// Makes `Handle` a type whose instances are not garbage-collector objects; called once,
-/// when the module is initialised, before any handle exists.
+/// Debug mode's timer handles: a `TimerHandle` the collector tracks (see
+/// [`TrackedHandle`]).
+#[pyclass(frozen, extends = TimerHandle, module = "ferroloop", name = "TimerHandle")]
+pub struct TrackedTimerHandle;
+
+/// Makes `Handle` and `TimerHandle` types whose instances are not garbage-collector
+/// objects; called once, when the module is initialised, before any handle exists.
+///
+/// Handles are short-lived and numerous (one per task step); tracked by the cyclic
+/// garbage collector, a queue of a million of them would make every collection walk
+/// them all, which cost more than scheduling itself. The collector cannot see an
+/// untracked object's references, so a cycle through one would never be freed; handles
+/// therefore hold their callback only while the loop holds them: a one-shot handle
+/// drops it once run, a cancelled one at once, and `close()` drops every queued or
+/// registered handle. In debug mode handles are tracked and keep their callback, as the
+/// stdlib's do, for the reports.
 ///
 /// PyO3 gives every class `Py_TPFLAGS_HAVE_GC`, so every handle would carry a collector
 /// header and count as a collector allocation, bringing collections forward: with
 /// 100,000 tasks scheduled at once (one handle each), 12% more young collections and one
 /// more full collection walking every live task, which dominate such a workload. A
-/// plain handle never needs the collector: outside debug mode it is untracked anyway
-/// (see [`untracked`]), and debug mode makes [`TrackedHandle`]s. So the type loses the
+/// handle outside debug mode never needs the collector, and debug mode makes
+/// [`TrackedHandle`]s and [`TrackedTimerHandle`]s. So each type loses the
 /// flag and its traverse/clear slots, frees with `PyObject_Free`, and deallocates
-/// without the GC untracking PyO3's deallocator would do ([`handle_dealloc`]).
-/// `TimerHandle` and `TrackedHandle` stay GC types (CPython allows a GC subtype of a
-/// non-GC base; their own slots are untouched).
+/// without the GC untracking PyO3's deallocator would do ([`handle_dealloc`],
+/// [`timer_handle_dealloc`]). The tracked subclasses stay GC types (CPython allows a GC
+/// subtype of a non-GC base; their own slots are untouched).
+///
+/// This and the two deallocators are the only places that rely on PyO3 internals (its
+/// object layout's `tp_dealloc`).
 pub fn install(py: Python<'_>) -> PyResult<()> {
-    let ty = py.get_type::<Handle>();
-    let tp = ty.as_type_ptr();
-    // SAFETY: `tp` is PyO3's heap type object for `Handle`, just created (the module is
-    // being initialised and no instance exists yet); these are plain slot writes to a
-    // heap type, announced to CPython's caches by PyType_Modified.
+    // SAFETY: each type is PyO3's heap type object, just created (the module is being
+    // initialised and no instance exists yet); the deallocators match the types.
+    unsafe {
+        make_plain(py.get_type::<Handle>().as_type_ptr(), handle_dealloc);
+        // Created after `Handle` changed, so it inherits a consistent base.
+        make_plain(
+            py.get_type::<TimerHandle>().as_type_ptr(),
+            timer_handle_dealloc,
+        );
+    }
+    // The tracked subclasses are created after the change, for the same reason.
+    let _ = py.get_type::<TrackedHandle>();
+    let _ = py.get_type::<TrackedTimerHandle>();
+    Ok(())
+}
+
+/// Turns `tp` into a non-GC type deallocated by `dealloc` (see [`install`]).
+///
+/// # Safety
+/// `tp` is a heap type with no instance yet, whose instances `dealloc` can deallocate.
+unsafe fn make_plain(tp: *mut ffi::PyTypeObject, dealloc: ffi::destructor) {
+    // SAFETY: plain slot writes to a heap type (upheld by the caller), announced to
+    // CPython's caches by PyType_Modified.
     unsafe {
         (*tp).tp_flags &= !ffi::Py_TPFLAGS_HAVE_GC;
         (*tp).tp_traverse = None;
         (*tp).tp_clear = None;
         (*tp).tp_free = Some(ffi::PyObject_Free);
-        (*tp).tp_dealloc = Some(handle_dealloc);
+        (*tp).tp_dealloc = Some(dealloc);
         ffi::PyType_Modified(tp);
     }
-    // The subclasses are created after the change, so they inherit a consistent base.
-    let _ = py.get_type::<TimerHandle>();
-    let _ = py.get_type::<TrackedHandle>();
-    Ok(())
 }
 
 /// `tp_dealloc` of `Handle` (see [`install`]): PyO3's deallocation minus the GC untrack.
@@ -355,22 +416,36 @@ pub fn install(py: Python<'_>) -> PyResult<()> {
 /// # Safety
 /// Called by CPython, with the thread attached, for a `Handle` whose refcount fell to 0.
 unsafe extern "C" fn handle_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: forwarded from CPython.
+    unsafe { plain_dealloc::<Handle>(obj) }
+}
+
+/// `tp_dealloc` of `TimerHandle` (see [`install`]): as [`handle_dealloc`].
+///
+/// # Safety
+/// Called by CPython, with the thread attached, for a `TimerHandle` whose refcount fell
+/// to 0.
+unsafe extern "C" fn timer_handle_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: forwarded from CPython.
+    unsafe { plain_dealloc::<TimerHandle>(obj) }
+}
+
+/// PyO3's deallocation of a `T` (its value and its bases', then the memory with the
+/// type's `tp_free`, then the heap type reference) without PyO3's GC untrack.
+///
+/// # Safety
+/// Called with the thread attached, for a `T` (or a subclass instance, whose own
+/// deallocator ran first) whose refcount fell to 0.
+unsafe fn plain_dealloc<T: pyo3::impl_::pyclass::PyClassImpl>(obj: *mut ffi::PyObject) {
     use pyo3::impl_::pycell::PyClassObjectBaseLayout;
-    use pyo3::impl_::pyclass::PyClassImpl;
     // SAFETY: CPython runs deallocators with the thread attached.
     let py = unsafe { Python::assume_attached() };
-    // `Handle`'s own `Drop` releases every Python reference it holds directly (no
-    // deferred release), and panics nowhere; an unexpected panic must not unwind into
+    // The handles' `Drop`s release every Python reference they hold directly (no
+    // deferred release), and panic nowhere; an unexpected panic must not unwind into
     // CPython.
     let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: `obj` is a `Handle` (or a subclass instance, whose own deallocator
-        // ran first) being deallocated; PyO3's layout drops the Rust value, then frees
-        // the memory with the type's `tp_free` and releases the heap type reference.
-        unsafe {
-            <<Handle as PyClassImpl>::Layout as PyClassObjectBaseLayout<Handle>>::tp_dealloc(
-                py, obj,
-            )
-        }
+        // SAFETY: `obj` is a `T` being deallocated (upheld by the caller).
+        unsafe { <T::Layout as PyClassObjectBaseLayout<T>>::tp_dealloc(py, obj) }
     }));
     if done.is_err() {
         std::process::abort();
@@ -462,11 +537,63 @@ impl ContextSlot {
     /// reference borrowed from the slot is alive.
     unsafe fn replace(&self, context: Option<Py<PyAny>>) -> Option<Py<PyAny>> {
         let new = context.map_or(std::ptr::null_mut(), Py::into_ptr);
-        let old = self.0.swap(new, Ordering::AcqRel);
+        // No one else can access the slot, so a plain load and store do (no costlier
+        // read-modify-write; the pool's lock publishes the store to the next user).
+        let old = self.0.load(Ordering::Relaxed);
+        if old != new {
+            self.0.store(new, Ordering::Relaxed);
+        }
         // SAFETY: a non-null pointer is a reference the slot owned, now the caller's;
         // the caller holds a handle reference, so the interpreter is attached.
         (!old.is_null())
             .then(|| unsafe { Bound::from_owned_ptr(Python::assume_attached(), old).unbind() })
+    }
+}
+
+/// An empty `contextvars.Context` a running loop reuses for the callbacks that need a
+/// fresh empty one (scheduled with an empty current context, and held by nobody but the
+/// ready queue: see [`Handle::run_in_fresh_context`]), instead of making one per
+/// callback.
+///
+/// Indistinguishable from a new context to the callbacks: one is handed out only while
+/// it is empty and referenced by the loop alone, and taken out while a callback runs in
+/// it. A callback that sets a context variable leaves it non-empty, and it is dropped
+/// instead of reused; so is one someone kept a reference to (a context-switch watcher
+/// could). It belongs to the running `run_forever` (a local of its loop, like the batch
+/// buffer), so a nested iteration has its own, and no atomic operation is needed.
+#[derive(Default)]
+pub(crate) struct ScratchContext(Option<Py<PyAny>>);
+
+impl ScratchContext {
+    /// The scratch context (now the caller's), or a new empty one if there is none.
+    /// None if making one failed, with the exception set (see [`run_in_context`]).
+    #[inline]
+    fn take<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match self.0.take() {
+            Some(context) => Some(context.into_bound(py)),
+            // SAFETY: a new reference or NULL with an exception set.
+            None => unsafe { Bound::from_owned_ptr_or_opt(py, ffi::PyContext_New()) },
+        }
+    }
+
+    /// Keeps `context` for the next callback if it is as good as new: still empty, and
+    /// referenced by the caller alone (otherwise it is released).
+    #[inline]
+    fn give_back(&mut self, context: Bound<'_, PyAny>) {
+        let ptr = context.as_ptr();
+        // SAFETY: `context` is a live contextvars.Context, whose length (its number of
+        // variables) cannot fail to compute.
+        let pristine = unsafe { ffi::Py_REFCNT(ptr) == 1 && ffi::PyMapping_Size(ptr) == 0 };
+        if pristine && self.0.is_none() {
+            self.0 = Some(context.unbind());
+        }
+    }
+
+    /// Releases the scratch context, if any (its `run_forever` is done).
+    pub(crate) fn release(self, py: Python<'_>) {
+        if let Some(context) = self.0 {
+            drop(context.into_bound(py));
+        }
     }
 }
 
@@ -497,30 +624,34 @@ impl HandlePool {
         let this = h.get();
         // SAFETY: `h` is a live object.
         let sole = unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1;
-        if !sole || !this.oneshot || this.debug || this.timer.is_some() {
+        if !sole || !this.oneshot || this.debug || this.timer {
             return;
         }
-        if self.free.lock().len() >= POOL_MAX {
-            return;
-        }
+        // A one-shot handle outside debug mode gave its callback up when it ran (see
+        // `Handle::run`).
+        debug_assert!(this.callback.lock().is_none());
         // SAFETY: ours is the only reference and the handle is no collector object (not
         // debug): nothing else can reach it.
         let context = unsafe { this.context.replace(None) };
         if let Some(context) = context {
-            if this.context_hidden.swap(false, Ordering::Relaxed) {
+            if this.context_hidden.load(Ordering::Relaxed) {
+                this.context_hidden.store(false, Ordering::Relaxed);
                 // SAFETY: the context is live and untracked (hidden); see
                 // `Handle::take_context` for why it must be tracked when released.
                 unsafe { ffi::PyObject_GC_Track(context.as_ptr().cast()) };
             }
             drop(context.into_bound(h.py()));
         }
-        let stale = this.callback.lock().take();
-        if let Some(cb) = stale {
-            cb.release(h.py());
-        }
-        // The pool can only have shrunk since the check (releasing the context may run
-        // code that schedules callbacks; only the running loop recycles).
-        self.free.lock().push(h.unbind());
+        let h = {
+            let mut free = self.free.lock();
+            if free.len() < POOL_MAX {
+                free.push(h.unbind());
+                return;
+            }
+            h
+        };
+        // Released with the lock given back.
+        drop(h);
     }
 
     /// Empties the pool; the handles are returned to be released with no lock held.
@@ -563,7 +694,7 @@ impl Handle {
     }
 
     /// Drops the callback of a handle that can no longer run (its loop closed, its
-    /// registration replaced), breaking any cycle through it; see [`untracked`].
+    /// registration replaced), breaking any cycle through it; see [`install`].
     pub(crate) fn release(&self) {
         let cb = self.take_callback();
         drop(cb);
@@ -608,7 +739,9 @@ impl Handle {
         if self.cancelled.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        if let Some(t) = &self.timer {
+        if self.timer {
+            // SAFETY: only timer handles have `timer` set.
+            let t = unsafe { slf.cast_unchecked::<TimerHandle>() }.get();
             if t.scheduled.load(Ordering::Relaxed) {
                 t.cancel_count.fetch_add(1, Ordering::Relaxed);
             }
@@ -629,7 +762,10 @@ impl Handle {
     /// A one-shot handle outside debug mode gives its callback up as it runs (it will
     /// not need it again), which saves taking extra references; it is put back for the
     /// exception handler if the callback raises.
-    pub(crate) fn run(slf: &Bound<'_, Self>) -> PyResult<()> {
+    ///
+    /// `scratch` is the running loop's reusable empty context (see [`ScratchContext`]);
+    /// without it, a callback that needs a fresh empty context gets a new one.
+    pub(crate) fn run(slf: &Bound<'_, Self>, scratch: Option<&mut ScratchContext>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
         let give_up = this.oneshot && !this.debug;
@@ -642,25 +778,29 @@ impl Handle {
             return Ok(());
         };
         let func = cb.func.bind(py);
-        let mut ran_in = None;
-        let result = this.run_context(slf).and_then(|context| {
-            let result = run_in_context(py, &context, || cb.args.call(py, func));
-            ran_in = Some(context);
-            result
-        });
-        let err = match result {
-            Ok(()) => {
-                cb.release(py);
-                return Ok(());
-            }
-            Err(err) if is_fatal(py, &err) => return Err(err),
-            Err(err) => err,
+        let ok = match this.context.get(py) {
+            Some(context) => run_in_context(py, &context, || cb.args.call(func)),
+            None => this.run_in_fresh_context(slf, scratch, || cb.args.call(func)),
         };
-        // The handler runs in the handle's context from 3.12 on: it must be the one the
-        // callback ran in (and set variables in), not a new empty one.
-        if let Some(context) = &ran_in {
-            this.context.adopt(context);
+        if ok {
+            cb.release(py);
+            return Ok(());
         }
+        Self::report(slf, give_up, cb, PyErr::fetch(py))
+    }
+
+    /// The callback of [`Handle::run`] raised `err`: a `SystemExit`/`KeyboardInterrupt`
+    /// is returned, anything else goes to the loop's exception handler.
+    #[cold]
+    #[inline(never)]
+    fn report(slf: &Bound<'_, Self>, give_up: bool, cb: Callback, err: PyErr) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        if is_fatal(py, &err) {
+            cb.release(py);
+            return Err(err);
+        }
+        let func = cb.func.bind(py);
         let args = cb.args.to_tuple(py)?;
         let text = pyhelpers::format_callback_source(py, func, &args)?;
         let ctx = PyDict::new(py);
@@ -679,6 +819,7 @@ impl Handle {
         }
         // The handler may show the handle: let it see the callback, as the stdlib's does.
         this.put_back(give_up, &cb, py);
+        cb.release(py);
         let reported = this
             .loop_
             .bind(py)
@@ -689,21 +830,59 @@ impl Handle {
         reported.map(drop)
     }
 
-    /// The context to run the callback in: the handle's, or for an implicitly captured
-    /// empty one not made yet, a new empty context. It is kept in the handle only if
-    /// someone besides the ready queue holds the handle (and so could ask for it);
-    /// otherwise nothing can ever see it, and it goes once the callback returns.
-    fn run_context<'py>(&self, slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+    /// Runs `f` for a handle whose context was captured empty and not made yet: in a new
+    /// empty context, which is all a copy of an empty context can be.
+    ///
+    /// If someone besides the ready queue holds the handle (and so could ask for its
+    /// context), the context is made and kept in the handle. Otherwise nothing can
+    /// ever see it, and the loop's scratch context serves (see [`ScratchContext`]).
+    #[inline]
+    fn run_in_fresh_context(
+        &self,
+        slf: &Bound<'_, Self>,
+        scratch: Option<&mut ScratchContext>,
+        f: impl FnOnce() -> bool,
+    ) -> bool {
         let py = slf.py();
-        if let Some(context) = self.context.get(py) {
-            return Ok(context);
-        }
         // SAFETY: `slf` is a live object.
-        if unsafe { ffi::Py_REFCNT(slf.as_ptr()) } > 1 {
-            return self.context.materialize(py);
+        let context = if unsafe { ffi::Py_REFCNT(slf.as_ptr()) } > 1 {
+            self.context.materialize(py)
+        } else if let Some(scratch) = scratch {
+            let Some(context) = scratch.take(py) else {
+                return false;
+            };
+            let ok = run_in_context(py, &context, f);
+            if !ok {
+                self.keep_for_handler(&context);
+            }
+            scratch.give_back(context);
+            return ok;
+        } else {
+            // SAFETY: the result is a new reference or NULL with an exception set.
+            unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }
+        };
+        match context {
+            Ok(context) => {
+                let ok = run_in_context(py, &context, f);
+                if !ok {
+                    self.keep_for_handler(&context);
+                }
+                ok
+            }
+            Err(err) => {
+                err.restore(py);
+                false
+            }
         }
-        // SAFETY: the result is a new reference or NULL with an exception set.
-        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }
+    }
+
+    /// The callback raised in `context`, a context the handle did not keep: keep it now.
+    /// From 3.12 the exception handler runs in the handle's context, which must be the
+    /// one the callback ran in (and set variables in), not a new empty one. (Kept, it is
+    /// no longer reused as the scratch context: the handle holds a reference.)
+    #[cold]
+    fn keep_for_handler(&self, context: &Bound<'_, PyAny>) {
+        self.context.adopt(context);
     }
 
     /// Returns a callback given up by [`Handle::run`] to its slot, unless the handle was
@@ -736,8 +915,10 @@ impl Handle {
         if this.is_cancelled() {
             info.push("cancelled".into());
         }
-        if let Some(t) = &this.timer {
-            info.push(format!("when={}", py_float_repr(py, t.when)?));
+        if this.timer {
+            // SAFETY: only timer handles have `timer` set.
+            let when = unsafe { slf.cast_unchecked::<TimerHandle>() }.get().when;
+            info.push(format!("when={}", py_float_repr(py, when)?));
         }
         let cb = this.callback.lock().as_ref().map(|c| c.clone_ref(py));
         if let Some(cb) = cb {
@@ -769,33 +950,47 @@ fn py_float_repr(py: Python<'_>, v: f64) -> PyResult<String> {
 }
 
 /// Calls `f` with `context` entered, like `context.run(f)`.
-fn run_in_context(
-    py: Python<'_>,
-    context: &Bound<'_, PyAny>,
-    f: impl FnOnce() -> PyResult<()>,
-) -> PyResult<()> {
-    // SAFETY: `context` is a live object; PyContext_Enter type-checks it and fails with
-    // an exception set (e.g. the context is already entered) without side effects.
-    if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
+///
+/// Errors follow the C API's convention, which keeps the per-callback path free of
+/// `PyErr` values: `f` and this function return false with the exception left set in
+/// the interpreter, for the caller to fetch. If `f` fails, its exception is the one
+/// reported, whatever leaving the context does.
+#[inline]
+fn run_in_context(py: Python<'_>, context: &Bound<'_, PyAny>, f: impl FnOnce() -> bool) -> bool {
+    let ctx = context.as_ptr();
+    // SAFETY: `ctx` is a live object; PyContext_Enter type-checks it and fails with an
+    // exception set (e.g. the context is already entered) without side effects.
+    if unsafe { ffi::PyContext_Enter(ctx) } < 0 {
+        return false;
     }
-    let result = f();
-    // SAFETY: we entered `context` above on this thread, so exiting it is balanced.
-    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
-        let exit_err = PyErr::fetch(py);
-        return result.and(Err(exit_err));
+    if !f() {
+        exit_after_error(py, ctx);
+        return false;
     }
-    result
+    // SAFETY: we entered `ctx` above on this thread, so exiting it is balanced; on
+    // failure the exception is set.
+    unsafe { ffi::PyContext_Exit(ctx) >= 0 }
 }
 
-impl Timer for Py<Handle> {
+/// Leaves `ctx` after the function run in it raised, keeping that exception.
+#[cold]
+#[inline(never)]
+fn exit_after_error(py: Python<'_>, ctx: *mut ffi::PyObject) {
+    let err = PyErr::fetch(py);
+    // SAFETY: `ctx` was entered by `run_in_context` on this thread; exiting it is
+    // balanced. Its own error, if any, is dropped in favour of `err`.
+    if unsafe { ffi::PyContext_Exit(ctx) } < 0 {
+        drop(PyErr::fetch(py));
+    }
+    err.restore(py);
+}
+
+impl Timer for Py<TimerHandle> {
     fn is_cancelled(&self) -> bool {
-        self.get().is_cancelled()
+        TimerHandle::base(self).get().is_cancelled()
     }
     fn unschedule(&self) {
-        if let Some(t) = &self.get().timer {
-            t.scheduled.store(false, Ordering::Relaxed);
-        }
+        self.get().scheduled.store(false, Ordering::Relaxed);
     }
 }
 
@@ -818,7 +1013,7 @@ impl Handle {
 
     /// Runs the callback now, as the loop would.
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Handle::run(slf)
+        Handle::run(slf, None)
     }
 
     #[getter]
@@ -863,41 +1058,33 @@ impl Handle {
 #[pymethods]
 impl TimerHandle {
     /// The absolute deadline, in `loop.time()` seconds.
-    fn when(slf: &Bound<'_, Self>) -> f64 {
-        timer_of(slf).when
+    fn when(&self) -> f64 {
+        self.when
     }
 
     #[getter]
-    fn _when(slf: &Bound<'_, Self>) -> f64 {
-        timer_of(slf).when
+    fn _when(&self) -> f64 {
+        self.when
     }
 
     #[getter]
-    fn _scheduled(slf: &Bound<'_, Self>) -> bool {
-        timer_of(slf).scheduled.load(Ordering::Relaxed)
+    fn _scheduled(&self) -> bool {
+        self.scheduled.load(Ordering::Relaxed)
     }
 
-    fn __lt__(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> bool {
-        timer_of(slf).when < timer_of(other).when
+    fn __lt__(&self, other: &Bound<'_, Self>) -> bool {
+        self.when < other.get().when
     }
 
-    fn __le__(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> bool {
-        timer_of(slf).when <= timer_of(other).when
+    fn __le__(&self, other: &Bound<'_, Self>) -> bool {
+        self.when <= other.get().when
     }
 
-    fn __gt__(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> bool {
-        timer_of(slf).when > timer_of(other).when
+    fn __gt__(&self, other: &Bound<'_, Self>) -> bool {
+        self.when > other.get().when
     }
 
-    fn __ge__(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> bool {
-        timer_of(slf).when >= timer_of(other).when
+    fn __ge__(&self, other: &Bound<'_, Self>) -> bool {
+        self.when >= other.get().when
     }
-}
-
-fn timer_of<'a>(slf: &'a Bound<'_, TimerHandle>) -> &'a TimerState {
-    slf.as_super()
-        .get()
-        .timer
-        .as_ref()
-        .expect("a TimerHandle always carries timer state")
 }

@@ -25,9 +25,10 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 
@@ -183,6 +184,38 @@ pub struct Reactor {
     use_pwait2: AtomicBool,
     /// Set once an internal fd (the signal socket) joins the set.
     has_internal: AtomicBool,
+    /// Nothing but the wake-up eventfd is in the set (no fd in `fds`, no internal fd):
+    /// kept up to date by [`FdsGuard`], so the loop can tell without taking a lock.
+    idle: AtomicBool,
+}
+
+/// The locked fd table; on release it records in [`Reactor::idle`] whether the table
+/// is empty, so every change to the table keeps that flag right.
+struct FdsGuard<'a> {
+    fds: MutexGuard<'a, HashMap<RawFd, FdEntry>>,
+    idle: &'a AtomicBool,
+    has_internal: &'a AtomicBool,
+}
+
+impl Deref for FdsGuard<'_> {
+    type Target = HashMap<RawFd, FdEntry>;
+    fn deref(&self) -> &Self::Target {
+        &self.fds
+    }
+}
+
+impl DerefMut for FdsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.fds
+    }
+}
+
+impl Drop for FdsGuard<'_> {
+    fn drop(&mut self) {
+        // Stored before the lock is released, so whoever takes the lock next sees it.
+        let idle = self.fds.is_empty() && !self.has_internal.load(Ordering::Relaxed);
+        self.idle.store(idle, Ordering::Release);
+    }
 }
 
 impl Reactor {
@@ -205,6 +238,7 @@ impl Reactor {
             events: Mutex::new(Vec::with_capacity(MAX_EVENTS)),
             use_pwait2: AtomicBool::new(true),
             has_internal: AtomicBool::new(false),
+            idle: AtomicBool::new(true),
         };
         r.ctl(
             libc::EPOLL_CTL_ADD,
@@ -244,13 +278,31 @@ impl Reactor {
     pub fn add_internal(&self, fd: RawFd, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)?;
         self.has_internal.store(true, Ordering::Relaxed);
+        self.idle.store(false, Ordering::Release);
         Ok(())
+    }
+
+    /// Locks the fd table (see [`FdsGuard`]).
+    fn fds(&self) -> FdsGuard<'_> {
+        FdsGuard {
+            fds: lock(&self.fds),
+            idle: &self.idle,
+            has_internal: &self.has_internal,
+        }
+    }
+
+    /// True when nothing but the wake-up eventfd is in the set: a wait with a zero
+    /// timeout could only report a wake-up, which a loop with callbacks ready has no
+    /// use for (the callbacks a wake-up announces are queued before it is sent).
+    #[inline]
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Acquire)
     }
 
     /// Installs `waiter` as `fd`'s reader (`write == false`) or writer, returning the
     /// waiter it replaces.
     pub fn add(&self, fd: RawFd, write: bool, waiter: Waiter) -> io::Result<Option<Waiter>> {
-        let mut fds = lock(&self.fds);
+        let mut fds = self.fds();
         let entry = fds.entry(fd).or_default();
         if entry.native.is_some() {
             return Err(io::Error::from_raw_os_error(libc::EBUSY));
@@ -306,7 +358,7 @@ impl Reactor {
     /// Re-arms `fd`'s one-shot registration after an event that found its native
     /// waiter not ready after all (a spurious wake-up).
     pub fn rearm(&self, fd: RawFd) -> io::Result<()> {
-        let mut fds = lock(&self.fds);
+        let mut fds = self.fds();
         match fds.get_mut(&fd) {
             Some(e) if e.oneshot && !e.armed => self.sync(fd, e),
             _ => Ok(()),
@@ -315,7 +367,7 @@ impl Reactor {
 
     /// Removes `fd`'s reader or writer, returning it if there was one.
     pub fn remove(&self, fd: RawFd, write: bool) -> Option<Waiter> {
-        self.remove_locked(&mut lock(&self.fds), fd, write)
+        self.remove_locked(&mut self.fds(), fd, write)
     }
 
     /// Removes `fd`'s reader or writer if it is still the native waiter `target` (it may
@@ -327,7 +379,7 @@ impl Reactor {
         write: bool,
         target: &Bound<'_, PyAny>,
     ) -> Option<Waiter> {
-        let mut fds = lock(&self.fds);
+        let mut fds = self.fds();
         let entry = fds.get(&fd)?;
         let slot = if write { &entry.writer } else { &entry.reader };
         if !slot.as_ref().is_some_and(|w| w.is_target(target)) {
@@ -336,12 +388,7 @@ impl Reactor {
         self.remove_locked(&mut fds, fd, write)
     }
 
-    fn remove_locked(
-        &self,
-        fds: &mut HashMap<RawFd, FdEntry>,
-        fd: RawFd,
-        write: bool,
-    ) -> Option<Waiter> {
+    fn remove_locked(&self, fds: &mut FdsGuard<'_>, fd: RawFd, write: bool) -> Option<Waiter> {
         let entry = fds.get_mut(&fd)?;
         let old = if write {
             entry.writer.take()
@@ -368,7 +415,7 @@ impl Reactor {
         write: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
         let py = target.py();
-        let mut fds = lock(&self.fds);
+        let mut fds = self.fds();
         if !read && !write {
             let Some(entry) = fds.get_mut(&fd) else {
                 return Ok(None);
@@ -426,7 +473,7 @@ impl Reactor {
 
     /// Whether `fd` has a reader (`write == false`) or writer callback.
     pub fn has(&self, fd: RawFd, write: bool) -> bool {
-        lock(&self.fds).get(&fd).is_some_and(|e| {
+        self.fds().get(&fd).is_some_and(|e| {
             if write {
                 e.writer.is_some()
             } else {
@@ -438,7 +485,7 @@ impl Reactor {
     /// Drops every registration (loop close); the handles and targets are returned to be
     /// released with the interpreter attached and no lock held.
     pub fn clear(&self) -> (Vec<Py<Handle>>, Vec<Py<PyAny>>) {
-        let mut fds = lock(&self.fds);
+        let mut fds = self.fds();
         let (mut handles, mut targets) = (Vec::new(), Vec::new());
         for (fd, e) in fds.drain() {
             let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
@@ -485,10 +532,7 @@ impl Reactor {
         // A zero-timeout poll with nothing but the wake-up eventfd in the set can only
         // report a wake-up, which a loop with callbacks ready has no use for: skip the
         // syscall (a pending wake-up is consumed by the next real wait).
-        if timeout == Some(0.0)
-            && !self.has_internal.load(Ordering::Relaxed)
-            && lock(&self.fds).is_empty()
-        {
+        if timeout == Some(0.0) && self.is_idle() {
             return Ok(Readiness::default());
         }
         let mut events = std::mem::take(&mut *lock(&self.events));
@@ -517,7 +561,7 @@ impl Reactor {
             }
         }
         {
-            let mut fds = lock(&self.fds);
+            let mut fds = self.fds();
             // A cancelled reader/writer is unregistered instead of run (as the stdlib
             // does); left in a level-triggered set it would wake every poll.
             let mut stale: Vec<(RawFd, bool)> = Vec::new();

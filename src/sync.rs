@@ -84,6 +84,19 @@ impl<T> SpinLock<T> {
     pub fn get_mut(&mut self) -> &mut T {
         self.value.get_mut()
     }
+
+    /// Calls `f` with the value, without locking (which costs an atomic
+    /// read-modify-write).
+    ///
+    /// # Safety
+    /// No guard exists or is created meanwhile: the caller has the only access to the
+    /// lock's owner (as with a pooled handle, whose only reference the caller holds).
+    #[inline]
+    pub unsafe fn with_unlocked<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        debug_assert!(!self.locked.load(Ordering::Relaxed));
+        // SAFETY: no other access exists (upheld by the caller).
+        f(unsafe { &mut *self.value.get() })
+    }
 }
 
 /// Holds a [`SpinLock`] until dropped.

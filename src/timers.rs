@@ -26,9 +26,30 @@ pub trait Timer {
 }
 
 struct Entry<T> {
-    when: f64,
+    /// The deadline as an integer with the order of `f64::total_cmp` (see [`order_key`]):
+    /// the heap compares entries on every level of every push and pop, and an integer
+    /// comparison is much cheaper than a float's total order.
+    key: i64,
     seq: u64,
     item: T,
+}
+
+impl<T> Entry<T> {
+    fn when(&self) -> f64 {
+        from_order_key(self.key)
+    }
+}
+
+/// `when`'s bits, rearranged so that integer order is `f64::total_cmp` order (the
+/// transform `total_cmp` itself applies to both operands of every comparison).
+fn order_key(when: f64) -> i64 {
+    let bits = when.to_bits() as i64;
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
+}
+
+/// The inverse of [`order_key`] (the transform is its own inverse).
+fn from_order_key(key: i64) -> f64 {
+    f64::from_bits((key ^ ((((key >> 63) as u64) >> 1) as i64)) as u64)
 }
 
 impl<T> PartialEq for Entry<T> {
@@ -45,10 +66,7 @@ impl<T> PartialOrd for Entry<T> {
 impl<T> Ord for Entry<T> {
     // Reversed: `BinaryHeap` is a max-heap and we want the earliest deadline on top.
     fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .when
-            .total_cmp(&self.when)
-            .then_with(|| other.seq.cmp(&self.seq))
+        (other.key, other.seq).cmp(&(self.key, self.seq))
     }
 }
 
@@ -95,7 +113,7 @@ impl<T: Timer> TimerHeap<T> {
         debug_assert!(!when.is_nan());
         self.seq += 1;
         self.heap.push(Entry {
-            when,
+            key: order_key(when),
             seq: self.seq,
             item,
         });
@@ -146,14 +164,14 @@ impl<T: Timer> TimerHeap<T> {
 
     /// Deadline of the earliest entry (call [`Self::purge`] first to skip cancelled ones).
     pub fn next_deadline(&self) -> Option<f64> {
-        self.heap.peek().map(|e| e.when)
+        self.heap.peek().map(Entry::when)
     }
 
     /// Removes every live timer due before `end`, in deadline-then-FIFO order, handing
     /// each to `fire`; cancelled ones met on the way go to `dead` (see [`Self::purge`]).
     pub fn pop_due(&mut self, end: f64, dead: &mut Vec<T>, mut fire: impl FnMut(T)) {
         while let Some(top) = self.heap.peek() {
-            if top.when >= end {
+            if top.when() >= end {
                 break;
             }
             let e = self.heap.pop().expect("peeked entry exists");
@@ -311,6 +329,29 @@ mod tests {
         assert_eq!(fired, vec![1, 3]);
         assert_eq!(dead.iter().map(|x| x.id).collect::<Vec<_>>(), vec![0, 2]);
         assert!(timers.iter().all(|x| !x.scheduled.get()));
+    }
+
+    #[test]
+    fn order_key_keeps_total_order_and_round_trips() {
+        let values = [
+            f64::NEG_INFINITY,
+            -1e300,
+            -2.5,
+            -f64::MIN_POSITIVE,
+            -0.0,
+            0.0,
+            f64::MIN_POSITIVE,
+            1e-9,
+            2.5,
+            1e300,
+            f64::INFINITY,
+        ];
+        for (i, a) in values.iter().enumerate() {
+            assert_eq!(from_order_key(order_key(*a)).to_bits(), a.to_bits());
+            for b in &values[i + 1..] {
+                assert!(order_key(*a) < order_key(*b), "{a} < {b}");
+            }
+        }
     }
 
     #[test]

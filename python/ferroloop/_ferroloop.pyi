@@ -46,6 +46,7 @@ class LoopCore:
     slow_callback_duration: float
     _debug: bool
     _thread_id: int | None
+    _task_factory: Callable[..., Any] | None
     def __new__(cls) -> Self: ...
     def time(self) -> float: ...
     def call_soon(
