@@ -21,19 +21,19 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def postgres():
+def _session_server(start):
     try:
-        with services.postgres_server() as server:
+        with start() as server:
             yield server
     except services.ServiceUnavailable as exc:
         _unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    yield from _session_server(services.postgres_server)
 
 
 @pytest.fixture(scope="session")
 def redis_service():
-    try:
-        with services.redis_server() as server:
-            yield server
-    except services.ServiceUnavailable as exc:
-        _unavailable(str(exc))
+    yield from _session_server(services.redis_server)
