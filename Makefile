@@ -43,5 +43,5 @@ upstream: ## AnyIO's and aiohttp's own test suites, stdlib loop vs ferroloop (~4
 upstream-anyio: ## AnyIO's test suite (asyncio backend), stdlib loop vs ferroloop (~3 min)
 	$(PYTHON) tests/upstream/run.py --suite anyio $(UPSTREAM_ARGS)
 
-upstream-aiohttp: ## aiohttp's test suite, stdlib loop vs ferroloop (~35 min)
+upstream-aiohttp: ## aiohttp's test suite, stdlib loop vs ferroloop (~36 min)
 	$(PYTHON) tests/upstream/run.py --suite aiohttp $(UPSTREAM_ARGS)
