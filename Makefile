@@ -41,3 +41,13 @@ test: build-prod services test-rust test-python ## the whole suite, from a fresh
 bench: ## side-by-side benchmarks in benchmarks/.venv (run.py installs the peers and ferroloop there)
 	cargo build --release --manifest-path benchmarks/loadgen/Cargo.toml
 	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
+.PHONY: upstream upstream-anyio upstream-aiohttp
+upstream: ## AnyIO's and aiohttp's own test suites, stdlib loop vs ferroloop (~40 min; not in `test`)
+	$(PYTHON) tests/upstream/run.py $(UPSTREAM_ARGS)
+
+upstream-anyio: ## AnyIO's test suite (asyncio backend), stdlib loop vs ferroloop (~3 min)
+	$(PYTHON) tests/upstream/run.py --suite anyio $(UPSTREAM_ARGS)
+
+upstream-aiohttp: ## aiohttp's test suite, stdlib loop vs ferroloop (~36 min)
+	$(PYTHON) tests/upstream/run.py --suite aiohttp $(UPSTREAM_ARGS)
