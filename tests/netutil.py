@@ -56,6 +56,18 @@ def pattern(n: int, offset: int = 0) -> bytes:
     return (block * reps)[start : start + n]
 
 
+async def pattern_chunks(size: int, step: int = 65_521):
+    """``pattern(size)`` as an async iterator of *step*-byte chunks (a streamed body),
+    yielding to the loop between chunks; the odd default size crosses every read boundary.
+    """
+    offset = 0
+    while offset < size:
+        n = min(step, size - offset)
+        yield pattern(n, offset)
+        offset += n
+        await asyncio.sleep(0)
+
+
 def assert_bytes_equal(got, expected) -> None:
     """Byte-for-byte comparison with a short report (first differing offset)."""
     got = bytes(got)

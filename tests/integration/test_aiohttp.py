@@ -20,7 +20,7 @@ import time
 import aiohttp  # a test dependency (pyproject.toml): missing, the module fails to import
 import pytest
 from aiohttp import WSMsgType, web
-from netutil import MiB, assert_bytes_equal, pattern, run
+from netutil import MiB, assert_bytes_equal, pattern, pattern_chunks, run
 
 HOST = "127.0.0.1"
 STREAM_SIZE = 6 * MiB + 12_345  # not a multiple of any chunk size used below
@@ -203,20 +203,11 @@ def test_chunked_request_body_arrives_byte_for_byte(loop):
             received.extend(chunk)
         return web.json_response({"size": len(received)})
 
-    async def body():
-        offset = 0
-        step = 65_521  # odd sized chunks, to cross the server's read boundaries
-        while offset < STREAM_SIZE:
-            n = min(step, STREAM_SIZE - offset)
-            yield pattern(n, offset)
-            offset += n
-            await asyncio.sleep(0)
-
     async def main():
         app = web.Application(client_max_size=STREAM_SIZE * 2)
         app.router.add_post("/upload", upload)
         async with serving(app) as url, aiohttp.ClientSession() as session:
-            async with session.post(f"{url}/upload", data=body()) as resp:
+            async with session.post(f"{url}/upload", data=pattern_chunks(STREAM_SIZE)) as resp:
                 assert resp.status == 200
                 assert await resp.json() == {"size": STREAM_SIZE}
 

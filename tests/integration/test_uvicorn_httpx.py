@@ -23,7 +23,7 @@ import ssl
 import httpx  # a test dependency (pyproject.toml): missing, the module fails to import
 import pytest
 import uvicorn
-from netutil import MiB, assert_bytes_equal, pattern, run
+from netutil import MiB, assert_bytes_equal, pattern, pattern_chunks, run
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosedError
 
@@ -322,18 +322,9 @@ class StreamingApp(App):
 def test_streamed_chunked_request_body_arrives_byte_for_byte(loop, http):
     app = StreamingApp()
 
-    async def body():
-        offset = 0
-        step = 65_521  # odd sized chunks, to cross the server's read boundaries
-        while offset < STREAM_SIZE:
-            n = min(step, STREAM_SIZE - offset)
-            yield pattern(n, offset)
-            offset += n
-            await asyncio.sleep(0)
-
     async def main():
         async with running(app, http) as server, http_client(server) as client:
-            resp = await client.post("/upload", content=body())
+            resp = await client.post("/upload", content=pattern_chunks(STREAM_SIZE))
             assert resp.status_code == 200
             assert resp.json() == {"size": STREAM_SIZE}
 
