@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyInt, PyString, PyTuple};
+use pyo3::types::{PyDict, PyInt, PyString, PyTuple, PyType};
 use pyo3::{ffi, intern};
 use pyo3::{PyTraverseError, PyVisit};
 
@@ -72,6 +72,11 @@ pub struct LoopCore {
     /// socket (whose `fileno()` is -1), `remove_reader`/`remove_writer` find its
     /// registration by identity, as the selectors' exhaustive lookup does.
     fileobjs: Mutex<HashMap<RawFd, Py<PyAny>>>,
+    /// The class replaces `time()` (a subclass's own clock).
+    class_clock: bool,
+    /// An instance attribute `time` shadows the method (`mock.patch.object(loop,
+    /// "time")`, as virtual-clock test helpers do).
+    instance_clock: AtomicBool,
 }
 
 fn current_thread_ident() -> u64 {
@@ -443,6 +448,7 @@ impl LoopCore {
         let this = slf.get();
         // Timers dropped from the heap, released once the lock is given back.
         let mut dead = Vec::new();
+        let clock = Self::replaced_clock(slf)?;
         let timeout = {
             let mut s = this.sched();
             if !s.timers.is_empty() {
@@ -451,9 +457,10 @@ impl LoopCore {
             if !s.ready.is_empty() || this.stopping.load(Ordering::Relaxed) {
                 Some(0.0)
             } else {
-                s.timers
-                    .next_deadline()
-                    .map(|when| (when - monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT))
+                s.timers.next_deadline().map(|when| {
+                    let now = clock.unwrap_or_else(monotonic);
+                    (when - now).clamp(0.0, MAXIMUM_SELECT_TIMEOUT)
+                })
             }
         };
         release_vec(dead);
@@ -473,6 +480,7 @@ impl LoopCore {
             Vec::new()
         };
         let mut dead = Vec::new();
+        let clock = Self::replaced_clock(slf)?;
         {
             let mut guard = this.sched();
             let s = &mut *guard;
@@ -488,7 +496,7 @@ impl LoopCore {
             }
             // No clock read when no timer is scheduled.
             if !s.timers.is_empty() {
-                let end = monotonic() + CLOCK_RESOLUTION;
+                let end = clock.unwrap_or_else(monotonic) + CLOCK_RESOLUTION;
                 let ready = &mut s.ready;
                 s.timers.pop_due(end, &mut dead, |h| {
                     ready.push_back(Job::Callback(h.into_bound(py).into_super().unbind()))
@@ -693,7 +701,11 @@ impl LoopCore {
 #[pymethods]
 impl LoopCore {
     #[new]
-    fn new() -> PyResult<Self> {
+    #[classmethod]
+    fn new(cls: &Bound<'_, PyType>) -> PyResult<Self> {
+        let py = cls.py();
+        let own = py.get_type::<LoopCore>().getattr(intern!(py, "time"))?;
+        let class_clock = !cls.getattr(intern!(py, "time"))?.is(&own);
         Ok(Self {
             sched: SpinLock::new(Scheduler::default()),
             reactor: Reactor::new().map_err(os_error)?,
@@ -706,7 +718,43 @@ impl LoopCore {
             task_factory: Mutex::new(None),
             pool: HandlePool::default(),
             fileobjs: Mutex::new(HashMap::new()),
+            class_clock,
+            instance_clock: AtomicBool::new(false),
         })
+    }
+
+    /// Notices an instance attribute `time` replacing the clock (see
+    /// [`Self::replaced_clock`]).
+    fn __setattr__(
+        slf: &Bound<'_, Self>,
+        name: &Bound<'_, PyString>,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        // SAFETY: all three are live objects; the generic setter is what the type would
+        // use without this method.
+        let rc =
+            unsafe { ffi::PyObject_GenericSetAttr(slf.as_ptr(), name.as_ptr(), value.as_ptr()) };
+        if rc < 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        if is_time(name) {
+            slf.get().instance_clock.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn __delattr__(slf: &Bound<'_, Self>, name: &Bound<'_, PyString>) -> PyResult<()> {
+        // SAFETY: as in `__setattr__`; a NULL value deletes.
+        let rc = unsafe {
+            ffi::PyObject_GenericSetAttr(slf.as_ptr(), name.as_ptr(), std::ptr::null_mut())
+        };
+        if rc < 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        if is_time(name) {
+            slf.get().instance_clock.store(false, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The loop clock: `time.monotonic()`.
@@ -1206,11 +1254,31 @@ impl LoopCore {
         Ok(handle)
     }
 
+    /// The scheduler's clock when `time()` is replaced (see `class_clock` and
+    /// `instance_clock`): whatever `self.time()` says, as in the stdlib, where a patched
+    /// or overridden clock moves the timers too. Read before taking the scheduler's lock,
+    /// since it runs Python code. `None` means `monotonic()`, which the caller reads
+    /// under the lock and only if a timer needs it.
+    #[inline]
+    fn replaced_clock(slf: &Bound<'_, Self>) -> PyResult<Option<f64>> {
+        let this = slf.get();
+        if !this.class_clock && !this.instance_clock.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        Self::call_clock(slf).map(Some)
+    }
+
+    #[inline(never)]
+    fn call_clock(slf: &Bound<'_, Self>) -> PyResult<f64> {
+        slf.call_method0(intern!(slf.py(), "time"))?.extract()
+    }
+
     /// `call_at` (and `call_later`, which computes `when` first) once the arguments are
     /// parsed.
     fn schedule_at(
         slf: &Bound<'_, Self>,
         when: f64,
+        int: bool,
         call: CallArgs<'_>,
     ) -> PyResult<Py<TimerHandle>> {
         if when.is_nan() {
@@ -1222,7 +1290,7 @@ impl LoopCore {
         let counter = this.sched().timers.cancel_counter();
         let handle = this
             .new_handle(slf.as_any(), call.callback, call.args, call.context)
-            .timer(when, counter)?;
+            .timer(when, int, counter)?;
         this.sched().timers.push(when, handle.clone_ref(slf.py()));
         Ok(handle)
     }
@@ -1466,6 +1534,11 @@ unsafe fn raw_slice<'a>(ptr: *const *mut ffi::PyObject, len: usize) -> &'a [*mut
     }
 }
 
+/// Whether an attribute name is `time` (the loop's clock method).
+fn is_time(name: &Bound<'_, PyString>) -> bool {
+    name.is(intern!(name.py(), "time")) || name.to_str().is_ok_and(|n| n == "time")
+}
+
 /// A float argument as PyO3 extracts one (`PyFloat_AsDouble`), None refused with `none`.
 fn float_arg(arg: &Bound<'_, PyAny>, name: &str, none: &'static str) -> PyResult<f64> {
     if arg.is_none() {
@@ -1562,7 +1635,8 @@ unsafe fn call_later_fast(
     let (slf, mut call) = unsafe { (receiver(py, &slf), LATER.parse(py, args, nargs, kwnames)?) };
     let lead = call.lead.take().expect("call_later has a lead parameter");
     let delay = float_arg(&lead, "delay", "delay must not be None")?;
-    Ok(LoopCore::schedule_at(slf, monotonic() + delay, call)?.into_ptr())
+    let now = LoopCore::replaced_clock(slf)?.unwrap_or_else(monotonic);
+    Ok(LoopCore::schedule_at(slf, now + delay, false, call)?.into_ptr())
 }
 
 /// `call_at(when, callback, *args, context=None)`.
@@ -1580,7 +1654,10 @@ unsafe fn call_at_fast(
     let (slf, mut call) = unsafe { (receiver(py, &slf), AT.parse(py, args, nargs, kwnames)?) };
     let lead = call.lead.take().expect("call_at has a lead parameter");
     let when = float_arg(&lead, "when", "when cannot be None")?;
-    Ok(LoopCore::schedule_at(slf, when, call)?.into_ptr())
+    // An int deadline reads back as that int (`handle.when()`), as the stdlib's does.
+    let int = lead.is_exact_instance_of::<PyInt>()
+        && lead.extract::<i64>().is_ok_and(|i| i as f64 == when);
+    Ok(LoopCore::schedule_at(slf, when, int, call)?.into_ptr())
 }
 
 /// `create_task(coro, *, name=None, context=None, **kwargs)`.

@@ -188,6 +188,9 @@ const _: () = assert!(std::mem::size_of::<Handle>() == HANDLE_SIZE);
 #[pyclass(frozen, subclass, extends = Handle, module = "ferroloop", name = "TimerHandle")]
 pub struct TimerHandle {
     when: f64,
+    /// `call_at` was given an int, which `when()` gives back as an int (the stdlib
+    /// keeps the object it was given; aiohttp checks for its `ceil()`ed int).
+    int: bool,
     /// In the loop's timer heap.
     scheduled: AtomicBool,
     /// The heap's count of cancelled entries, bumped if cancelled while scheduled.
@@ -325,11 +328,17 @@ impl NewHandle<'_> {
     }
 
     /// A timer handle due at `when`, counted in `cancel_count` if cancelled while scheduled.
-    pub fn timer(self, when: f64, cancel_count: Arc<AtomicUsize>) -> PyResult<Py<TimerHandle>> {
+    pub fn timer(
+        self,
+        when: f64,
+        int: bool,
+        cancel_count: Arc<AtomicUsize>,
+    ) -> PyResult<Py<TimerHandle>> {
         let py = self.func.py();
         let debug = self.debug;
         let init = PyClassInitializer::from(self.build(true, true)?).add_subclass(TimerHandle {
             when,
+            int,
             scheduled: AtomicBool::new(true),
             cancel_count,
         });
@@ -1058,13 +1067,18 @@ impl Handle {
 #[pymethods]
 impl TimerHandle {
     /// The absolute deadline, in `loop.time()` seconds.
-    fn when(&self) -> f64 {
-        self.when
+    fn when<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self._when(py)
     }
 
     #[getter]
-    fn _when(&self) -> f64 {
-        self.when
+    fn _when<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if self.int {
+            // Exact: `call_at` checked that the int survives the round trip.
+            Ok((self.when as i64).into_pyobject(py)?.into_any())
+        } else {
+            Ok(self.when.into_pyobject(py)?.into_any())
+        }
     }
 
     #[getter]

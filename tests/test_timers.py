@@ -5,6 +5,7 @@ import math
 import random
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -99,6 +100,81 @@ def test_timer_handle_when_returns_the_deadline(loop):
     assert before + 3.0 <= later.when() <= after + 3.0
     timer.cancel()
     later.cancel()
+
+
+def test_call_at_with_an_int_deadline_reads_back_the_int(loop):
+    # aiohttp schedules at ceil()ed int deadlines and checks the handle's _when.
+    when = math.ceil(loop.time()) + 3600
+    timer = loop.call_at(when, print)
+    assert timer.when() == when and type(timer.when()) is int
+    assert type(timer._when) is int
+    as_float = loop.call_at(float(when), print)
+    assert type(as_float.when()) is float
+    later = loop.call_later(3600, print)
+    assert type(later.when()) is float
+    for handle in (timer, as_float, later):
+        handle.cancel()
+
+
+def test_a_patched_loop_time_moves_the_timers(loop):
+    # Virtual-clock test helpers (and aiohttp's tests) patch loop.time on the instance.
+    fired = []
+
+    async def main():
+        now = loop.time()
+        with mock.patch.object(loop, "time") as clock:
+            clock.return_value = now
+            loop.call_at(now + 1000, fired.append, "at")
+            loop.call_later(1000, fired.append, "later")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert fired == []
+            clock.return_value = now + 1000
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert fired == ["at", "later"]
+        assert "time" not in vars(loop)
+        # The real clock is back: a short timer fires on its own.
+        await asyncio.wait_for(asyncio.sleep(0.01), 5)
+        loop.call_later(0.01, fired.append, "real")
+        await asyncio.sleep(0.05)
+        assert fired == ["at", "later", "real"]
+
+    loop.run_until_complete(main())
+
+
+def test_a_subclass_s_time_drives_its_timers(loop):
+    class VirtualClockLoop(type(loop)):
+        virtual = 0.0
+
+        def time(self):
+            return self.virtual
+
+    vloop = VirtualClockLoop()
+    try:
+        fired = []
+        timer = vloop.call_later(3600, fired.append, "due")
+        assert timer.when() == 3600
+        vloop.call_soon(vloop.stop)
+        vloop.run_forever()
+        assert fired == []
+        vloop.virtual = 3600.0
+        vloop.call_soon(vloop.stop)
+        vloop.run_forever()
+        assert fired == ["due"]
+    finally:
+        vloop.close()
+
+
+def test_a_loop_clock_that_raises_stops_the_run_with_its_error(loop):
+    def broken_clock():
+        raise ZeroDivisionError("clock")
+
+    loop.call_later(3600, print)
+    loop.call_soon(loop.stop)
+    with mock.patch.object(loop, "time", broken_clock):
+        with pytest.raises(ZeroDivisionError, match="clock"):
+            loop.run_forever()
 
 
 def test_cancelled_timers_do_not_run(loop):

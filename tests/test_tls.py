@@ -525,6 +525,25 @@ def test_start_tls_upgrades_a_plain_connection(loop, tls_contexts):
     run(loop, main())
 
 
+def test_start_tls_on_a_transport_closed_just_before_returns_none(loop, tls_contexts):
+    # The connection is lost while start_tls waits: the stdlib returns the TLS
+    # protocol's app transport as it is after the wait, None (aiohttp relies on it).
+    _, client_context = tls_contexts
+
+    async def main():
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            transport, _ = await loop.create_connection(asyncio.Protocol, *listener.getsockname())
+        transport.close()
+        upgraded = await loop.start_tls(
+            transport, asyncio.Protocol(), client_context, server_hostname="localhost"
+        )
+        assert upgraded is None
+
+    run(loop, main())
+
+
 def test_start_tls_over_tls(loop, tls_contexts):
     """TLS inside TLS: start_tls on a TLS transport."""
     server_context, client_context = tls_contexts

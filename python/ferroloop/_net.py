@@ -886,7 +886,7 @@ class NetMixin:
             ssl_shutdown_timeout=ssl_shutdown_timeout,
             call_connection_made=False,
         )
-        app_transport = ssl_protocol._get_app_transport()
+        ssl_protocol._get_app_transport()
         # Stop reading before switching protocols, so that no data reaches the TLS
         # protocol before its connection_made().
         transport.pause_reading()
@@ -900,7 +900,9 @@ class NetMixin:
             conmade_cb.cancel()
             resume_cb.cancel()
             raise
-        return app_transport
+        # Read after the wait, as the stdlib does: None if the connection was lost in the
+        # meantime (connection_lost() drops the app transport).
+        return ssl_protocol._app_transport
 
     # -- sendfile ---------------------------------------------------------------------------
 
