@@ -22,9 +22,6 @@ use crate::pytype::{Args, Visit};
 
 /// Bytes asked of one `recv`/`read` (the stdlib's `max_size`).
 pub(crate) const MAX_READ: usize = 256 * 1024;
-/// Bytes asked of one `recv` for the stdlib's streams (`StreamReaderProtocol`): see
-/// [`read_bytes_up_to`].
-pub(crate) const STREAM_READER_READ: usize = 64 * 1024;
 /// Buffers handed to one `sendmsg`.
 const MAX_IOV: usize = 64;
 
@@ -233,46 +230,65 @@ pub(crate) fn read_bytes<'py>(
     fd: RawFd,
     socket: bool,
 ) -> io::Result<Bound<'py, PyBytes>> {
-    read_bytes_up_to(py, fd, socket, MAX_READ)
+    READ_BUF.with_borrow_mut(|buf| {
+        read_into(fd, buf.as_mut_ptr(), buf.len(), socket).map(|n| PyBytes::new(py, &buf[..n]))
+    })
 }
 
-/// [`read_bytes`] of at most `max` (≤ [`MAX_READ`]) bytes.
+extern "C" {
+    /// CPython's in-place resize of a `bytes` object nobody else references yet.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
+}
+
+/// One `recv`/`read` of up to [`MAX_READ`] bytes straight into a new `bytes` of that
+/// size, then shrunk in place to what came: what `socket.recv` does for the stdlib loop.
 ///
-/// The stream transport reads at most [`STREAM_READER_READ`] (64 KiB) at a time for the
-/// stdlib's streams. `StreamReader.feed_data` extends a `bytearray` with each chunk and
-/// `read(n)` slices it (`bytes(buffer[:n])`, then `del buffer[:n]`, which copies what is
-/// left into a new block once it is under half the old one). Handed a whole 100 KiB
-/// message in one event, each connection's `bytearray` grows to a 100 KiB block that
-/// `read(65536)` frees again while 64 and 36 KiB slices come and go: blocks of three
-/// sizes best-fit into each other's holes, the heap keeps running out of 100 KiB holes
-/// and grows at the top, and once enough of the top is free again glibc trims it (`brk`
-/// down, from that `free`) only for the next `extend` to grow it and fault the pages
-/// back in: 0.35-0.5 `brk` calls and 16-25 page faults per 100 KiB echo with 100
-/// connections (with glibc's default thresholds, in a process that never freed a large
-/// block, already with 10). The exact-size `bytes` made here is not the cause: uvloop,
-/// which copies the same way, shows it too, and asyncio patched to copy 64 KiB reads
-/// does not. With 64 KiB reads the reader task slices each chunk off before the next
-/// one is read, the `bytearray` never outgrows one slice and the heap settles (0.01-0.1
-/// `brk` calls, 1-4 page faults per echo). Splitting a bigger read into 64 KiB
-/// `data_received` calls would not do: the `bytearray` takes all of them before the
-/// task runs. The cost: a message over 64 KiB takes one more loop iteration.
-///
-/// The stdlib's own reads do not show the trims once glibc's mmap threshold has grown
-/// past 256 KiB (the benchmarks' 1 MiB warm-up does that): `sock.recv(256 KiB)` mallocs
-/// 256 KiB and shrinks the block, presumably leaving the `bytearray` a free tail to grow
-/// into. Until the threshold has grown, every such read is an `mmap`, an `mremap` and a
-/// `munmap`, whatever the size of the data. Copies of what was read need no allocator
-/// state.
-pub(crate) fn read_bytes_up_to<'py>(
+/// The stream transport reads this way for the stdlib's streams. `StreamReader.feed_data`
+/// extends a `bytearray` with each chunk and `read(n)` slices it off again, so each
+/// connection's buffer grows and shrinks by up to a message per round trip. Copying
+/// each read out of the loop's buffer into an exact-size `bytes` (as for every other
+/// protocol) made glibc's heap trim its top and grow it again over and over with 100
+/// connections of 100 KiB echoes: 2.3 page faults and 0.05 `brk` calls per request,
+/// against 0.2 and 0.005 this way (the stdlib: 0.3 and 0.007), and 25% more server CPU
+/// per request. Shrinking the block leaves its free tail right after the data, where
+/// the `bytearray` and the next read find room. It also saves the copy, and a message
+/// of up to 256 KiB comes in one read (the copying reads were held to 64 KiB here,
+/// because whole 100 KiB messages made the churn worse). For protocols that keep no
+/// such buffer the two ways cost the same.
+pub(crate) fn read_fresh_bytes<'py>(
     py: Python<'py>,
     fd: RawFd,
     socket: bool,
-    max: usize,
-) -> io::Result<Bound<'py, PyBytes>> {
-    READ_BUF.with_borrow_mut(|buf| {
-        let len = max.min(buf.len());
-        read_into(fd, buf.as_mut_ptr(), len, socket).map(|n| PyBytes::new(py, &buf[..n]))
-    })
+) -> PyResult<io::Result<Bound<'py, PyBytes>>> {
+    let max = MAX_READ;
+    // SAFETY: a new, uninitialised bytes object of `max` bytes, or NULL with an error.
+    let mut obj =
+        unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), max as ffi::Py_ssize_t) };
+    if obj.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `obj` is a bytes object with `max` writable bytes no one else sees yet.
+    let n = match read_into(
+        fd,
+        unsafe { ffi::PyBytes_AsString(obj) }.cast(),
+        max,
+        socket,
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            // SAFETY: our own reference.
+            unsafe { ffi::Py_DecRef(obj) };
+            return Ok(Err(e));
+        }
+    };
+    // SAFETY: `obj` is still referenced only here; on failure it is freed and NULL.
+    if unsafe { _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: a new reference to a bytes object.
+    Ok(Ok(unsafe {
+        Bound::from_owned_ptr(py, obj).cast_into_unchecked()
+    }))
 }
 
 /// One `recv` (sockets) or `read` (pipes) into `len` bytes at `buf`.

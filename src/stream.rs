@@ -27,9 +27,9 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple,
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes_up_to, read_into,
-    report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored, RawBuffer,
-    WriteBuffer, MAX_READ, STREAM_READER_READ,
+    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, read_fresh_bytes,
+    read_into, report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
+    RawBuffer, WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -42,8 +42,8 @@ pub(crate) struct Inner {
     base: Base,
     sock: Option<Py<PyAny>>,
     buffered_protocol: bool,
-    /// Bytes asked of one `recv` for a protocol that takes `bytes` (see [`read_mode`]).
-    read_max: usize,
+    /// Reads go straight into a new `bytes` (the stdlib's streams, see [`read_mode`]).
+    fresh_reads: bool,
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
     wbuf: WriteBuffer,
@@ -164,11 +164,11 @@ static SOCKET_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static STREAM_READER_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// How the transport reads for `protocol`: into the protocol's own buffer (a
-/// `BufferedProtocol`), or into `bytes` of at most how many bytes per `recv`: 64 KiB
-/// for the stdlib's streams (`StreamReaderProtocol`, whose `bytearray` buffer keeps the
-/// allocator churning when handed more than a reader's slice at once: see
-/// `iobuf::read_bytes_up_to`), the stdlib's 256 KiB for anything else.
-fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<(bool, usize)> {
+/// `BufferedProtocol`), or into `bytes`: a new one per read for the stdlib's streams
+/// (`StreamReaderProtocol`, whose `bytearray` buffer keeps the allocator churning
+/// otherwise: see `iobuf::read_fresh_bytes`), a copy out of the loop's buffer for
+/// anything else.
+fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<(bool, bool)> {
     let py = protocol.py();
     let buffered = protocol.is_instance(cached(
         py,
@@ -183,12 +183,7 @@ fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<(bool, usize)> {
             "asyncio.streams",
             "StreamReaderProtocol",
         )?)?;
-    let read_max = if streams {
-        STREAM_READER_READ
-    } else {
-        MAX_READ
-    };
-    Ok((buffered, read_max))
+    Ok((buffered, streams))
 }
 
 fn shutdown_write(fd: RawFd) -> io::Result<()> {
@@ -254,14 +249,14 @@ fn protocol_call<'py>(
 
 fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     let py = obj.py();
-    let (fd, protocol, buffered, read_max) = {
+    let (fd, protocol, buffered, fresh_reads) = {
         let g = st.lock()?;
         // Not registered any more (paused, closing, lost) while this event was queued:
         // the stdlib would have cancelled the reader handle.
         if g.conn_lost > 0 || !g.want_read || g.fd < 0 {
             return Ok(());
         }
-        (g.fd, g.protocol(py)?, g.buffered_protocol, g.read_max)
+        (g.fd, g.protocol(py)?, g.buffered_protocol, g.fresh_reads)
     };
     if buffered {
         return read_into_protocol_buffer(obj, st, fd, &protocol);
@@ -280,7 +275,11 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
         return protocol_call(obj, st, r, FAILED).map(drop);
     }
-    let read = read_bytes_up_to(py, fd, true, read_max);
+    let read = if fresh_reads {
+        read_fresh_bytes(py, fd, true)?
+    } else {
+        read_bytes(py, fd, true)
+    };
     let data = match read {
         Ok(d) => d,
         Err(e) if would_block(&e) => return Ok(()),
@@ -1028,11 +1027,11 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> P
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let protocol = protocol.expect("required");
     let py = obj.py();
-    let (buffered, read_max) = read_mode(&protocol)?;
+    let (buffered, fresh_reads) = read_mode(&protocol)?;
     let old = {
         let mut g = st.lock()?;
         g.buffered_protocol = buffered;
-        g.read_max = read_max;
+        g.fresh_reads = fresh_reads;
         g.protocol_connected = true;
         g.protocol.replace(protocol.unbind())
     };
@@ -1356,13 +1355,13 @@ pub fn new_socket_transport<'py>(
         None => Some(eager_extra(&sock, extra.as_ref())?.unbind()),
     };
     set_nodelay(fd);
-    let (buffered, read_max) = read_mode(&protocol)?;
+    let (buffered, fresh_reads) = read_mode(&protocol)?;
     let state = Stream {
         inner: Mutex::new(Inner {
             base: Base::with_extra(fd, dispatch, l, &protocol, extra_dict),
             sock: Some(sock.unbind()),
             buffered_protocol: buffered,
-            read_max,
+            fresh_reads,
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
             wbuf: WriteBuffer::default(),
