@@ -336,17 +336,30 @@ impl LoopCore {
     ) -> PyResult<Py<Handle>> {
         let this = slf.get();
         this.check_closed()?;
-        let fd = fileobj_to_fd(fileobj)?;
-        this.ensure_fd_no_transport(slf.py(), fd)?;
+        // A socket closed while registered is found by identity, as the selectors do.
+        let (fd, closed) = match fileobj_to_fd(fileobj) {
+            Ok(fd) => {
+                this.ensure_fd_no_transport(slf.py(), fd)?;
+                (fd, false)
+            }
+            Err(e) => (this.closed_fileobj_fd(fileobj).ok_or(e)?, true),
+        };
         let method = if write { "add_writer" } else { "add_reader" };
         this.check_callback(&callback, method, false)?;
         let handle = this
             .new_handle(slf.as_any(), callback, Args::from_tuple(args), None)
             .handle(false)?;
-        let old = this
-            .reactor
-            .add(fd, write, Waiter::Callback(handle.clone_ref(slf.py())))
-            .map_err(os_error)?;
+        let waiter = Waiter::Callback(handle.clone_ref(slf.py()));
+        // Its registration can only change callbacks: the selectors skip the syscall
+        // then, which on a closed fd fails (and so does any other change, as there).
+        let old = match closed {
+            true => this.reactor.replace(fd, write, waiter).map(Some),
+            false => Err(waiter),
+        };
+        let old = match old {
+            Ok(old) => old,
+            Err(waiter) => this.reactor.add(fd, write, waiter).map_err(os_error)?,
+        };
         if !fileobj.is_instance_of::<PyInt>() {
             lock(&this.fileobjs)
                 .entry(fd)

@@ -329,6 +329,20 @@ impl Reactor {
         Ok(old)
     }
 
+    /// Swaps the waiter of a direction `fd` already has one for, with no syscall (the
+    /// kernel's interest is unchanged); hands `waiter` back if there is none to swap.
+    pub fn replace(&self, fd: RawFd, write: bool, waiter: Waiter) -> Result<Waiter, Waiter> {
+        let mut fds = self.fds();
+        let slot = fds.get_mut(&fd).and_then(|e| {
+            let slot = if write { &mut e.writer } else { &mut e.reader };
+            slot.as_mut()
+        });
+        match slot {
+            Some(slot) => Ok(std::mem::replace(slot, waiter)),
+            None => Err(waiter),
+        }
+    }
+
     /// Brings the kernel's registration of `fd` in line with `entry`'s waiters.
     fn sync(&self, fd: RawFd, entry: &mut FdEntry) -> io::Result<()> {
         let mask = entry.mask();

@@ -1,6 +1,7 @@
 """add_reader / add_writer and the loop.sock_* methods."""
 
 import asyncio
+import errno
 import os
 import socket
 
@@ -243,6 +244,21 @@ def test_remove_reader_and_writer_find_a_socket_closed_after_registering(loop, d
         # Gone: the registration is forgotten, as the selector's key is.
         with pytest.raises(ValueError):
             remove(a)
+
+
+def test_adding_the_same_callback_kind_to_a_socket_closed_after_registering_replaces_it(
+    loop,
+):
+    # The selectors find the closed socket by identity and only swap the callback (no
+    # syscall); a change of interest reaches the kernel, which refuses the closed fd.
+    a, b = socket.socketpair()
+    with b:
+        loop.add_reader(a, print, 1)
+        a.close()
+        assert loop.add_reader(a, print, 2) is None
+        with pytest.raises(OSError) as raised:
+            loop.add_writer(a, print, 3)
+        assert raised.value.errno == errno.EBADF
 
 
 def test_remove_reader_of_a_closed_socket_never_registered_raises_value_error(loop):
