@@ -36,18 +36,18 @@ test-python: ## pytest: behaviour tests on both loops, examples, CPython conform
 # Under `make test` a missing PostgreSQL/Redis fails the integration tests instead of
 # skipping them: CI must not go green by skipping.
 test: export FERROLOOP_REQUIRE_SERVICES = 1
-test: build-prod services test-rust test-python ## the whole suite, from a fresh checkout
+test: build-prod services test-rust test-python upstream-anyio ## the whole suite, from a fresh checkout
 
 bench: ## side-by-side benchmarks in benchmarks/.venv (run.py installs the peers and ferroloop there)
 	cargo build --release --manifest-path benchmarks/loadgen/Cargo.toml
 	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
 
 .PHONY: upstream upstream-anyio upstream-aiohttp
-upstream: ## AnyIO's and aiohttp's own test suites, stdlib loop vs ferroloop (~40 min; not in `test`)
+upstream: ## AnyIO's and aiohttp's own test suites, stdlib loop vs ferroloop (~40 min)
 	$(PYTHON) tests/upstream/run.py $(UPSTREAM_ARGS)
 
-upstream-anyio: ## AnyIO's test suite (asyncio backend), stdlib loop vs ferroloop (~3 min)
+upstream-anyio: ## AnyIO's test suite (asyncio backend), stdlib loop vs ferroloop (~3 min; part of `test`)
 	$(PYTHON) tests/upstream/run.py --suite anyio $(UPSTREAM_ARGS)
 
-upstream-aiohttp: ## aiohttp's test suite, stdlib loop vs ferroloop (~36 min)
+upstream-aiohttp: ## aiohttp's test suite, stdlib loop vs ferroloop (~36 min; not in `test`)
 	$(PYTHON) tests/upstream/run.py --suite aiohttp $(UPSTREAM_ARGS)
