@@ -16,10 +16,12 @@
 //!   pool stops: queued jobs are dropped and running ones are waited for, so no worker is
 //!   left to touch the interpreter while it finalizes;
 //! - after `fork()` the child has no workers: the pool notices the new pid and starts
-//!   afresh.
+//!   afresh. The forking thread holds the pool lock across the fork, so the child never
+//!   inherits it locked by a worker that does not exist there.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
@@ -79,6 +81,41 @@ fn state() -> MutexGuard<'static, State> {
     POOL.state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+thread_local! {
+    /// The pool lock, held by a thread while it forks (see [`hold_lock_across_fork`]).
+    static HELD_FOR_FORK: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
+}
+
+extern "C" fn lock_before_fork() {
+    let guard = state();
+    HELD_FOR_FORK.with_borrow_mut(|held| *held = Some(guard));
+}
+
+extern "C" fn unlock_after_fork() {
+    // In the child the guard's thread is this one, the only thread there.
+    let guard = HELD_FOR_FORK.with_borrow_mut(Option::take);
+    drop(guard);
+}
+
+/// Makes every `fork()` in the process wait for the pool lock and release it on both
+/// sides. A worker holds it only for a few instructions, never while it waits for the
+/// interpreter, so the wait is short and cannot deadlock with the forking thread; a child
+/// forked while a worker held it would otherwise find it locked forever.
+fn hold_lock_across_fork() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: the handlers are plain functions that live as long as the process; they
+        // only lock and unlock the pool's mutex (no allocation, no Python).
+        unsafe {
+            libc::pthread_atfork(
+                Some(lock_before_fork),
+                Some(unlock_after_fork),
+                Some(unlock_after_fork),
+            );
+        }
+    });
+}
+
 /// Runs `func(*args)` on the resolver pool and settles `fut` with its result or exception
 /// on `loop` (through `loop.call_soon_threadsafe`), unless `fut` is done by then.
 ///
@@ -126,6 +163,7 @@ pub fn resolve_in_pool(
     };
     drop(stale); // the parent's jobs, dropped with no lock held
     if register_hook {
+        hold_lock_across_fork();
         if let Err(err) = register_exit_hook(py) {
             state().hooked = false;
             return Err(err);
@@ -297,4 +335,50 @@ fn shut_down(py: Python<'_>) {
             let _ = w.join();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_child_forked_while_a_worker_holds_the_pool_lock_can_take_it() {
+        hold_lock_across_fork();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let guard = state();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            drop(guard);
+        });
+        locked_rx.recv().unwrap();
+        // SAFETY: the child only polls the pool's mutex, then exits without unwinding.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let code = loop {
+                if POOL.state.try_lock().is_ok() {
+                    break 0;
+                }
+                if Instant::now() > deadline {
+                    break 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            // SAFETY: ends the child at once, with no atexit handlers or unwinding.
+            unsafe { libc::_exit(code) };
+        }
+        holder.join().unwrap();
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "the child found the pool lock held"
+        );
+    }
 }
