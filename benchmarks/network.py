@@ -1068,6 +1068,39 @@ def mem_tables(
     return out
 
 
+def behind(
+    workloads: Sequence[str],
+    loops: Sequence[str],
+    stats: dict[tuple[str, str], dict[str, float]],
+) -> list[tuple[str, str, str, float]]:
+    """(workload, peer, metric, ratio) wherever ferroloop's median is behind a peer's.
+
+    The metric is server CPU per request where a load generator was the limit in
+    ferroloop's or that peer's cell (requests/s then says little), requests/s elsewhere, and
+    bytes per connection for memory; ratio > 1 would mean ferroloop is better.
+    """
+    rows = []
+    for name in workloads:
+        w = NET_WORKLOADS[name]
+        ref = stats.get((name, REFERENCE))
+        if ref is None:
+            continue
+        for peer_name in loops:
+            peer = stats.get((name, peer_name))
+            if peer_name == REFERENCE or peer is None:
+                continue
+            if isinstance(w, MemWorkload):
+                metric, ratio = "bytes/conn", peer["bpc_median"] / ref["bpc_median"]
+            elif _client_bound(ref) or _client_bound(peer):
+                metric = "server CPU/req"
+                ratio = peer["cpu_req_median"] / ref["cpu_req_median"]
+            else:
+                metric, ratio = "req/s", ref["rps_median"] / peer["rps_median"]
+            if ratio < 1.0:
+                rows.append((name, peer_name, metric, ratio))
+    return rows
+
+
 def ratio_tables(
     workloads: Sequence[str],
     loops: Sequence[str],

@@ -37,6 +37,8 @@ VENV_PYTHON = VENV / "bin" / "python"
 SETUP = HERE / "setup.sh"
 WORKER = HERE / "workloads.py"
 RESULTS = HERE / "RESULTS.md"
+# Hand-written profiles of the rows where ferroloop is behind, appended to RESULTS.md.
+NOTES = HERE / "NOTES.md"
 CHART = HERE / "results.png"
 RSLOOP_FAILED = VENV / "rsloop-install.failed"
 ORIG_CMD_ENV = "FERROLOOP_BENCH_CMD"
@@ -313,6 +315,50 @@ def ratio_table(
     return rows
 
 
+def behind(
+    workloads: list[str],
+    loops: list[str],
+    stats: dict[tuple[str, str], dict[str, float]],
+) -> list[tuple[str, str, str, float]]:
+    """(workload, peer, metric, speedup) wherever ferroloop's median is slower than a peer's."""
+    rows = []
+    for w in workloads:
+        metric = RATIO_METRIC[w]
+        ref = stats.get((w, REFERENCE))
+        for p in loops:
+            peer = stats.get((w, p))
+            if p == REFERENCE or ref is None or peer is None:
+                continue
+            ratio = peer[f"{metric}_median"] / ref[f"{metric}_median"]
+            if ratio < 1.0:
+                rows.append((w, p, metric, ratio))
+    return rows
+
+
+def behind_section(rows: list[tuple[str, str, str, float]], notes: bool = True) -> list[str]:
+    """Where this run has ferroloop behind a peer, then (`notes`) the profiles in NOTES.md."""
+    out = ["## Where ferroloop is behind", ""]
+    if rows:
+        out += [
+            "Every (workload, peer) of this run where ferroloop's median is behind the peer's "
+            "(ratio < 1; the workload's metric, server CPU per request where a load generator "
+            "was the limit). Under 10 % is within this machine's run-to-run noise: rerun those "
+            "before reading anything into them.",
+            "",
+            "| workload | peer | metric | ferroloop ÷ peer (> 1 = ferroloop better) | |",
+            "|---|---|---|--:|---|",
+        ]
+        for name, peer, metric, ratio in sorted(rows, key=lambda r: r[3]):
+            noise = "within noise" if ratio >= 0.9 else "**behind**"
+            out.append(f"| {name} | {peer} | {metric} | {ratio:.2f}× | {noise} |")
+    else:
+        out.append("Nowhere: ferroloop's median is at least every peer's on every workload.")
+    out.append("")
+    if notes and NOTES.exists():
+        out += [NOTES.read_text(encoding="utf-8").strip(), ""]
+    return out
+
+
 RATIO_NOTE = (
     "**ferroloop speedup** = the peer's median ÷ ferroloop's median on the workload's metric: "
     "**> 1 means ferroloop is faster**, < 1 means ferroloop is slower. The metric is wall time, "
@@ -562,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     if net_report:
         print("## Network workloads\n")
         print(net_report)
+    behind_rows = behind(args.workloads, args.loops, stats) if args.workloads else []
+    if args.net_workloads:
+        behind_rows += network.behind(args.net_workloads, args.loops, net_stats)
+    print("\n".join(behind_section(behind_rows, notes=False)))
     print(f"load average after: {load_after}")
 
     if args.write_results:
@@ -585,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 load_after,
                 started,
                 finished,
+                behind_rows,
                 chart_written=why is None,
             )
         )
@@ -648,6 +699,7 @@ def results_md(
     load_after: str,
     started: dt.datetime,
     finished: dt.datetime,
+    behind_rows: list[tuple[str, str, str, float]],
     chart_written: bool = False,
 ) -> str:
     uname = platform.uname()
@@ -797,6 +849,7 @@ def results_md(
         lines += ["## In-process results (times in ms)", "", inproc_report]
     if net_report:
         lines += ["## Network results", "", net_report]
+    lines += behind_section(behind_rows)
     lines += ["## Not yet measured", "", NOT_YET_MEASURED, ""]
     return "\n".join(lines)
 
