@@ -240,55 +240,57 @@ extern "C" {
     fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
 }
 
-/// One `recv`/`read` of up to [`MAX_READ`] bytes straight into a new `bytes` of that
-/// size, then shrunk in place to what came: what `socket.recv` does for the stdlib loop.
+/// Reads at and above this size are handed to the stdlib's streams the way `socket.recv`
+/// hands them over (see [`read_bytes_for_streams`]).
+const BIG_READ: usize = 64 * 1024;
+
+/// [`read_bytes`] for the stdlib's streams (`StreamReaderProtocol`): a read of
+/// [`BIG_READ`] bytes or more comes in a new `bytes` of [`MAX_READ`] bytes shrunk in place
+/// to the data, the block `socket.recv(256 KiB)` leaves for the stdlib loop.
 ///
-/// The stream transport reads this way for the stdlib's streams. `StreamReader.feed_data`
-/// extends a `bytearray` with each chunk and `read(n)` slices it off again, so each
-/// connection's buffer grows and shrinks by up to a message per round trip. Copying
-/// each read out of the loop's buffer into an exact-size `bytes` (as for every other
-/// protocol) made glibc's heap trim its top and grow it again over and over with 100
-/// connections of 100 KiB echoes: 2.3 page faults and 0.05 `brk` calls per request,
-/// against 0.2 and 0.005 this way (the stdlib: 0.3 and 0.007), and 25% more server CPU
-/// per request. Shrinking the block leaves its free tail right after the data, where
-/// the `bytearray` and the next read find room. It also saves the copy, and a message
-/// of up to 256 KiB comes in one read (the copying reads were held to 64 KiB here,
-/// because whole 100 KiB messages made the churn worse). For protocols that keep no
-/// such buffer the two ways cost the same.
-pub(crate) fn read_fresh_bytes<'py>(
+/// `StreamReader.feed_data` extends a `bytearray` with each chunk and `read(n)` slices
+/// it off again, so each connection's buffer grows and shrinks by up to a message per
+/// round trip. Big chunks in exact-size `bytes` made glibc's heap trim its top and grow
+/// it again over and over with 100 connections of 100 KiB echoes: up to 24 page faults
+/// and 0.5 `brk` calls per request. Shrinking a 256 KiB block leaves its free tail right
+/// after the data, where the `bytearray` and the next read find room: 0.3 faults and
+/// 0.007 `brk` calls per request, as the stdlib loop (server CPU per request 61.5 →
+/// 45.9 µs against reads capped at 64 KiB, which were the earlier workaround). Small
+/// reads stay exact copies: a 256 KiB block per read is an `mmap`, `mremap` and `munmap`
+/// each time in a process whose glibc mmap threshold has not grown past it, which costs
+/// the stdlib loop 2 page faults per 1 KiB echo and triples its CPU per request there.
+pub(crate) fn read_bytes_for_streams<'py>(
     py: Python<'py>,
     fd: RawFd,
     socket: bool,
 ) -> PyResult<io::Result<Bound<'py, PyBytes>>> {
-    let max = MAX_READ;
-    // SAFETY: a new, uninitialised bytes object of `max` bytes, or NULL with an error.
-    let mut obj =
-        unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), max as ffi::Py_ssize_t) };
-    if obj.is_null() {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: `obj` is a bytes object with `max` writable bytes no one else sees yet.
-    let n = match read_into(
-        fd,
-        unsafe { ffi::PyBytes_AsString(obj) }.cast(),
-        max,
-        socket,
-    ) {
-        Ok(n) => n,
-        Err(e) => {
-            // SAFETY: our own reference.
-            unsafe { ffi::Py_DecRef(obj) };
-            return Ok(Err(e));
+    READ_BUF.with_borrow_mut(|buf| {
+        let n = match read_into(fd, buf.as_mut_ptr(), buf.len(), socket) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        if n < BIG_READ {
+            return Ok(Ok(PyBytes::new(py, &buf[..n])));
         }
-    };
-    // SAFETY: `obj` is still referenced only here; on failure it is freed and NULL.
-    if unsafe { _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: a new reference to a bytes object.
-    Ok(Ok(unsafe {
-        Bound::from_owned_ptr(py, obj).cast_into_unchecked()
-    }))
+        let size = MAX_READ as ffi::Py_ssize_t;
+        // SAFETY: a new, uninitialised bytes object of `size` bytes, or NULL with an error.
+        let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
+        if obj.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: `obj` has `MAX_READ` >= `n` writable bytes and is no one else's yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), ffi::PyBytes_AsString(obj).cast(), n);
+        }
+        // SAFETY: `obj` is still referenced only here; on failure it is freed and NULL.
+        if unsafe { _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) } < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: a new reference to a bytes object.
+        Ok(Ok(unsafe {
+            Bound::from_owned_ptr(py, obj).cast_into_unchecked()
+        }))
+    })
 }
 
 /// One `recv` (sockets) or `read` (pipes) into `len` bytes at `buf`.

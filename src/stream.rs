@@ -27,7 +27,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple,
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, read_fresh_bytes,
+    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, read_bytes_for_streams,
     read_into, report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
     RawBuffer, WriteBuffer,
 };
@@ -42,8 +42,8 @@ pub(crate) struct Inner {
     base: Base,
     sock: Option<Py<PyAny>>,
     buffered_protocol: bool,
-    /// Reads go straight into a new `bytes` (the stdlib's streams, see [`read_mode`]).
-    fresh_reads: bool,
+    /// The protocol is the stdlib's `StreamReaderProtocol` (see [`read_mode`]).
+    stream_reader: bool,
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
     wbuf: WriteBuffer,
@@ -164,10 +164,9 @@ static SOCKET_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static STREAM_READER_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// How the transport reads for `protocol`: into the protocol's own buffer (a
-/// `BufferedProtocol`), or into `bytes`: a new one per read for the stdlib's streams
-/// (`StreamReaderProtocol`, whose `bytearray` buffer keeps the allocator churning
-/// otherwise: see `iobuf::read_fresh_bytes`), a copy out of the loop's buffer for
-/// anything else.
+/// `BufferedProtocol`), or into `bytes`, allocated as `socket.recv` does for the
+/// stdlib's streams (`StreamReaderProtocol`, whose `bytearray` buffer keeps the
+/// allocator churning otherwise: see `iobuf::read_bytes_for_streams`).
 fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<(bool, bool)> {
     let py = protocol.py();
     let buffered = protocol.is_instance(cached(
@@ -249,14 +248,14 @@ fn protocol_call<'py>(
 
 fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     let py = obj.py();
-    let (fd, protocol, buffered, fresh_reads) = {
+    let (fd, protocol, buffered, stream_reader) = {
         let g = st.lock()?;
         // Not registered any more (paused, closing, lost) while this event was queued:
         // the stdlib would have cancelled the reader handle.
         if g.conn_lost > 0 || !g.want_read || g.fd < 0 {
             return Ok(());
         }
-        (g.fd, g.protocol(py)?, g.buffered_protocol, g.fresh_reads)
+        (g.fd, g.protocol(py)?, g.buffered_protocol, g.stream_reader)
     };
     if buffered {
         return read_into_protocol_buffer(obj, st, fd, &protocol);
@@ -275,8 +274,8 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
         return protocol_call(obj, st, r, FAILED).map(drop);
     }
-    let read = if fresh_reads {
-        read_fresh_bytes(py, fd, true)?
+    let read = if stream_reader {
+        read_bytes_for_streams(py, fd, true)?
     } else {
         read_bytes(py, fd, true)
     };
@@ -1027,11 +1026,11 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> P
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let protocol = protocol.expect("required");
     let py = obj.py();
-    let (buffered, fresh_reads) = read_mode(&protocol)?;
+    let (buffered, stream_reader) = read_mode(&protocol)?;
     let old = {
         let mut g = st.lock()?;
         g.buffered_protocol = buffered;
-        g.fresh_reads = fresh_reads;
+        g.stream_reader = stream_reader;
         g.protocol_connected = true;
         g.protocol.replace(protocol.unbind())
     };
@@ -1355,13 +1354,13 @@ pub fn new_socket_transport<'py>(
         None => Some(eager_extra(&sock, extra.as_ref())?.unbind()),
     };
     set_nodelay(fd);
-    let (buffered, fresh_reads) = read_mode(&protocol)?;
+    let (buffered, stream_reader) = read_mode(&protocol)?;
     let state = Stream {
         inner: Mutex::new(Inner {
             base: Base::with_extra(fd, dispatch, l, &protocol, extra_dict),
             sock: Some(sock.unbind()),
             buffered_protocol: buffered,
-            fresh_reads,
+            stream_reader,
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
             wbuf: WriteBuffer::default(),

@@ -212,8 +212,8 @@ def test_streams_echo_of_100_kib_messages_does_not_make_the_heap_shrink_and_regr
 ):
     """The stdlib's streams on our transport, 50 connections echoing 100 KiB messages:
     the server's heap settles. Reads copied into exact-size bytes made glibc trim the
-    top of the heap and fault it back in, up to 20 page faults per message; reading into
-    a new 256 KiB bytes shrunk in place, as socket.recv does, it is well under 1."""
+    top of the heap and fault it back in, up to 20 page faults per message; big reads in
+    a 256 KiB bytes shrunk in place, as socket.recv leaves them, bring it well under 1."""
     server = subprocess.Popen(
         [sys.executable, "-c", loop_factory_code + textwrap.dedent(STREAMS_ECHO_SERVER)],
         stdin=subprocess.PIPE,
