@@ -471,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_venv(args)
     command = os.environ[ORIG_CMD_ENV]
     started = dt.datetime.now(dt.UTC)
+    # Taken before the run writes RESULTS.md and the chart, which would mark it dirty.
+    revision = git_revision()
     load_before = loadavg()
 
     # which loops can run here, and which versions
@@ -633,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 net,
                 load_before,
                 load_after,
+                revision,
                 started,
                 finished,
                 behind_rows,
@@ -697,6 +700,7 @@ def results_md(
     net: network.NetOptions | None,
     load_before: str,
     load_after: str,
+    revision: str,
     started: dt.datetime,
     finished: dt.datetime,
     behind_rows: list[tuple[str, str, str, float]],
@@ -715,7 +719,7 @@ def results_md(
     mode = "--quick" if args.quick else "full"
     run_lines = [
         f"- command: `{command}`",
-        f"- git revision: `{git_revision()}` (`-dirty`: tracked files had uncommitted changes)",
+        f"- git revision at the start: `{revision}` (`-dirty`: tracked files had changes)",
         f"- started {started:%Y-%m-%d %H:%M:%S} UTC, finished {finished:%H:%M:%S} UTC",
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
     ]
