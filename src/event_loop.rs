@@ -14,7 +14,7 @@
 //! `call_soon_threadsafe`, which appends under the queue's lock and wakes the wait; no
 //! lock is ever held while Python code runs or while the interpreter is detached.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -30,7 +30,7 @@ use crate::clock::monotonic;
 use crate::errors::os_error;
 use crate::handles::{Args, Handle, HandlePool, NewHandle, ScratchContext, TimerHandle};
 use crate::pyhelpers::{cached, call_with_keywords};
-use crate::reactor::{Dispatch, IoEvent, Reactor, Waiter, SIGNAL_TOKEN};
+use crate::reactor::{Dispatch, FdMap, IoEvent, Reactor, Waiter, SIGNAL_TOKEN};
 use crate::ready::{Job, ReadyQueue};
 use crate::signals::Signals;
 use crate::sock::Call;
@@ -71,7 +71,7 @@ pub struct LoopCore {
     /// kept while the fd has a reader or writer callback: once that object is a closed
     /// socket (whose `fileno()` is -1), `remove_reader`/`remove_writer` find its
     /// registration by identity, as the selectors' exhaustive lookup does.
-    fileobjs: Mutex<HashMap<RawFd, Py<PyAny>>>,
+    fileobjs: Mutex<FdMap<Py<PyAny>>>,
     /// The class replaces `time()` (a subclass's own clock).
     class_clock: bool,
     /// An instance attribute `time` shadows the method (`mock.patch.object(loop,
@@ -477,7 +477,7 @@ impl LoopCore {
             }
         };
         release_vec(dead);
-        let readiness = this.reactor.poll(py, timeout).map_err(os_error)?;
+        let mut readiness = this.reactor.poll(py, timeout).map_err(os_error)?;
         if readiness.interrupted {
             // Runs Python-level signal handlers; SIGINT's default one raises
             // KeyboardInterrupt here, before any queued callback is taken.
@@ -497,11 +497,7 @@ impl LoopCore {
         {
             let mut guard = this.sched();
             let s = &mut *guard;
-            if readiness.jobs.capacity() == 0 {
-                release_vec(readiness.jobs);
-            } else {
-                s.ready.extend(readiness.jobs);
-            }
+            s.ready.extend(readiness.jobs.drain(..));
             if signalled.capacity() == 0 {
                 release_vec(signalled);
             } else {
@@ -517,6 +513,7 @@ impl LoopCore {
             }
             s.ready.swap_batch(batch);
         }
+        this.reactor.recycle_jobs(readiness.jobs);
         release_vec(dead);
         Ok(())
     }
@@ -730,7 +727,7 @@ impl LoopCore {
             slow_callback_duration: Mutex::new(0.1),
             task_factory: Mutex::new(None),
             pool: HandlePool::default(),
-            fileobjs: Mutex::new(HashMap::new()),
+            fileobjs: Mutex::new(FdMap::default()),
             class_clock,
             instance_clock: AtomicBool::new(false),
         })

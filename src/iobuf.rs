@@ -144,11 +144,37 @@ impl WriteBuffer {
 
 /// A contiguous view of any buffer-protocol object (`PyBUF_SIMPLE`), released on drop.
 pub(crate) struct RawBuffer {
-    view: Box<ffi::Py_buffer>,
+    view: View,
+}
+
+enum View {
+    /// An exact `bytes`, read in place: it is immutable, so a reference keeps the data
+    /// valid without a buffer export (which costs an allocation and two calls per write).
+    Bytes {
+        obj: *mut ffi::PyObject,
+        ptr: *mut u8,
+        len: usize,
+    },
+    Exported(Box<ffi::Py_buffer>),
 }
 
 impl RawBuffer {
     pub fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        let raw = obj.as_ptr();
+        // SAFETY: `raw` is a live object; an exact bytes object's data and size are
+        // fixed for its lifetime, which the new reference extends to ours.
+        if !writable && unsafe { ffi::PyBytes_CheckExact(raw) } != 0 {
+            return Ok(unsafe {
+                ffi::Py_INCREF(raw);
+                Self {
+                    view: View::Bytes {
+                        obj: raw,
+                        ptr: ffi::PyBytes_AS_STRING(raw).cast_mut().cast(),
+                        len: ffi::Py_SIZE(raw) as usize,
+                    },
+                }
+            });
+        }
         // SAFETY: an all-zero Py_buffer is a valid out-parameter.
         let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
         let flags = if writable {
@@ -157,34 +183,54 @@ impl RawBuffer {
             ffi::PyBUF_SIMPLE
         };
         // SAFETY: `view` is a boxed, writable Py_buffer that outlives the export.
-        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
+        if unsafe { ffi::PyObject_GetBuffer(raw, &mut *view, flags) } != 0 {
             return Err(PyErr::fetch(obj.py()));
         }
-        Ok(Self { view })
+        Ok(Self {
+            view: View::Exported(view),
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.view.len as usize
+        match &self.view {
+            View::Bytes { len, .. } => *len,
+            View::Exported(v) => v.len as usize,
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        if self.len() == 0 {
+        let len = self.len();
+        if len == 0 {
             return &[];
         }
-        // SAFETY: PyBUF_SIMPLE exports `len` contiguous bytes at `buf`.
-        unsafe { std::slice::from_raw_parts(self.view.buf.cast(), self.len()) }
+        // SAFETY: both views hold `len` contiguous bytes at the pointer, alive while
+        // `self` holds its reference or export.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), len) }
     }
 
+    fn as_ptr(&self) -> *mut u8 {
+        match &self.view {
+            View::Bytes { ptr, .. } => *ptr,
+            View::Exported(v) => v.buf.cast(),
+        }
+    }
+
+    /// The start of a writable view (one obtained with `writable`, never a `bytes`).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.view.buf.cast()
+        self.as_ptr()
     }
 }
 
 impl Drop for RawBuffer {
     fn drop(&mut self) {
-        // SAFETY: releases the export made in `get`; buffers are only handled on the
-        // loop thread with the interpreter attached.
-        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
+        // SAFETY: releases the reference or export taken in `get`; buffers are only
+        // handled on the loop thread with the interpreter attached.
+        unsafe {
+            match &mut self.view {
+                View::Bytes { obj, .. } => ffi::Py_DECREF(*obj),
+                View::Exported(v) => ffi::PyBuffer_Release(&mut **v),
+            }
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 //!   wait touches Python objects.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -112,6 +113,34 @@ impl Waiter {
     }
 }
 
+/// Hashes an fd with one multiplication. fds are small, dense, non-adversarial keys
+/// looked up once per I/O event, where the default SipHash cost about 100 instructions.
+#[derive(Default)]
+pub(crate) struct FdHasher(u64);
+
+impl Hasher for FdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(FD_HASH_K);
+        }
+    }
+
+    fn write_i32(&mut self, fd: i32) {
+        // The multiplication spreads the fd into the high bits, which the table's
+        // control bytes are taken from.
+        self.0 = u64::from(fd as u32).wrapping_mul(FD_HASH_K);
+    }
+}
+
+const FD_HASH_K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// A map keyed by fd.
+pub(crate) type FdMap<V> = HashMap<RawFd, V, BuildHasherDefault<FdHasher>>;
+
 /// One fd's waiters and what the kernel's epoll set holds for it.
 #[derive(Default)]
 struct FdEntry {
@@ -176,11 +205,15 @@ pub struct Readiness {
 pub struct Reactor {
     epfd: OwnedFd,
     waker: OwnedFd,
-    fds: Mutex<HashMap<RawFd, FdEntry>>,
+    fds: Mutex<FdMap<FdEntry>>,
     /// fd → the transport that owns it (a borrowed pointer: a transport removes its
     /// entry when it closes the fd or is deallocated), registered or not.
-    owners: Mutex<HashMap<RawFd, usize>>,
+    owners: Mutex<FdMap<usize>>,
     events: Mutex<Vec<libc::epoll_event>>,
+    /// The jobs vector [`Reactor::poll`] fills, handed back empty by the loop through
+    /// [`Reactor::recycle_jobs`]: a fresh one cost an allocation and a regrowth per
+    /// iteration.
+    jobs: Mutex<Vec<Job>>,
     use_pwait2: AtomicBool,
     /// Set once an internal fd (the signal socket) joins the set.
     has_internal: AtomicBool,
@@ -192,13 +225,13 @@ pub struct Reactor {
 /// The locked fd table; on release it records in [`Reactor::idle`] whether the table
 /// is empty, so every change to the table keeps that flag right.
 struct FdsGuard<'a> {
-    fds: MutexGuard<'a, HashMap<RawFd, FdEntry>>,
+    fds: MutexGuard<'a, FdMap<FdEntry>>,
     idle: &'a AtomicBool,
     has_internal: &'a AtomicBool,
 }
 
 impl Deref for FdsGuard<'_> {
-    type Target = HashMap<RawFd, FdEntry>;
+    type Target = FdMap<FdEntry>;
     fn deref(&self) -> &Self::Target {
         &self.fds
     }
@@ -233,9 +266,10 @@ impl Reactor {
         let r = Self {
             epfd,
             waker,
-            fds: Mutex::new(HashMap::new()),
-            owners: Mutex::new(HashMap::new()),
+            fds: Mutex::new(FdMap::default()),
+            owners: Mutex::new(FdMap::default()),
             events: Mutex::new(Vec::with_capacity(MAX_EVENTS)),
+            jobs: Mutex::new(Vec::new()),
             use_pwait2: AtomicBool::new(true),
             has_internal: AtomicBool::new(false),
             idle: AtomicBool::new(true),
@@ -565,7 +599,10 @@ impl Reactor {
         if pwait2_missing {
             self.use_pwait2.store(false, Ordering::Relaxed);
         }
-        let mut out = Readiness::default();
+        let mut out = Readiness {
+            jobs: std::mem::take(&mut *lock(&self.jobs)),
+            ..Readiness::default()
+        };
         match n {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => out.interrupted = true,
@@ -644,6 +681,14 @@ impl Reactor {
         }
         *lock(&self.events) = events;
         Ok(out)
+    }
+
+    /// Gives back the (emptied) jobs vector of a [`Readiness`] for the next poll.
+    pub fn recycle_jobs(&self, jobs: Vec<Job>) {
+        debug_assert!(jobs.is_empty());
+        if jobs.is_empty() {
+            *lock(&self.jobs) = jobs;
+        }
     }
 }
 

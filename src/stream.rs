@@ -41,9 +41,8 @@ const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 pub(crate) struct Inner {
     base: Base,
     sock: Option<Py<PyAny>>,
-    buffered_protocol: bool,
-    /// The protocol is the stdlib's `StreamReaderProtocol` (see [`read_mode`]).
-    stream_reader: bool,
+    /// How reads reach the protocol, decided when the protocol is set.
+    read_mode: ReadMode,
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
     wbuf: WriteBuffer,
@@ -163,26 +162,40 @@ static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SOCKET_TRANSPORT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static STREAM_READER_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// How the transport reads for `protocol`: into the protocol's own buffer (a
-/// `BufferedProtocol`), or into `bytes`, allocated as `socket.recv` does for the
-/// stdlib's streams (`StreamReaderProtocol`, whose `bytearray` buffer keeps the
-/// allocator churning otherwise: see `iobuf::read_bytes_for_streams`).
-fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<(bool, bool)> {
+/// How the transport reads for its protocol.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadMode {
+    /// `data_received(bytes)`.
+    Bytes,
+    /// Into the protocol's own buffer (a `BufferedProtocol`).
+    Buffered,
+    /// `data_received(bytes)`, the `bytes` allocated as `socket.recv` does for the
+    /// stdlib's streams (`StreamReaderProtocol`, whose `bytearray` buffer keeps the
+    /// allocator churning otherwise: see `iobuf::read_bytes_for_streams`).
+    StreamReader,
+    /// The native TLS protocol, fed straight from the socket.
+    Tls,
+}
+
+fn read_mode(protocol: &Bound<'_, PyAny>) -> PyResult<ReadMode> {
     let py = protocol.py();
-    let buffered = protocol.is_instance(cached(
-        py,
-        &BUFFERED_PROTOCOL,
-        "asyncio.protocols",
-        "BufferedProtocol",
-    )?)?;
-    let streams = !buffered
-        && protocol.is_instance(cached(
-            py,
+    if protocol.cast::<crate::tls::TlsProtocol>().is_ok() {
+        return Ok(ReadMode::Tls);
+    }
+    let is = |cell, module, name| protocol.is_instance(cached(py, cell, module, name)?);
+    Ok(
+        if is(&BUFFERED_PROTOCOL, "asyncio.protocols", "BufferedProtocol")? {
+            ReadMode::Buffered
+        } else if is(
             &STREAM_READER_PROTOCOL,
             "asyncio.streams",
             "StreamReaderProtocol",
-        )?)?;
-    Ok((buffered, streams))
+        )? {
+            ReadMode::StreamReader
+        } else {
+            ReadMode::Bytes
+        },
+    )
 }
 
 fn shutdown_write(fd: RawFd) -> io::Result<()> {
@@ -248,21 +261,23 @@ fn protocol_call<'py>(
 
 fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
     let py = obj.py();
-    let (fd, protocol, buffered, stream_reader) = {
+    let (fd, protocol, mode) = {
         let g = st.lock()?;
         // Not registered any more (paused, closing, lost) while this event was queued:
         // the stdlib would have cancelled the reader handle.
         if g.conn_lost > 0 || !g.want_read || g.fd < 0 {
             return Ok(());
         }
-        (g.fd, g.protocol(py)?, g.buffered_protocol, g.stream_reader)
+        (g.fd, g.protocol(py)?, g.read_mode)
     };
-    if buffered {
+    if mode == ReadMode::Buffered {
         return read_into_protocol_buffer(obj, st, fd, &protocol);
     }
     // The native TLS protocol is fed directly, from the receive buffer (it is the
     // stdlib's buffered SSLProtocol, hence the buffer_updated message).
-    if let Ok(tls) = protocol.cast::<crate::tls::TlsProtocol>() {
+    if mode == ReadMode::Tls {
+        // SAFETY: `read_mode` found this protocol to be a TlsProtocol.
+        let tls = unsafe { protocol.cast_unchecked::<crate::tls::TlsProtocol>() };
         let r = match crate::tls::feed_from_fd(tls, fd) {
             Ok(Some(r)) => r.map(|()| py.None().into_bound(py)),
             Ok(None) => return on_eof(obj, st, &protocol),
@@ -274,7 +289,7 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
         return protocol_call(obj, st, r, FAILED).map(drop);
     }
-    let read = if stream_reader {
+    let read = if mode == ReadMode::StreamReader {
         read_bytes_for_streams(py, fd, true)?
     } else {
         read_bytes(py, fd, true)
@@ -555,10 +570,19 @@ pub(crate) fn check_data(data: &Bound<'_, PyAny>) -> PyResult<()> {
 
 fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]) -> PyResult<()> {
     let py = obj.py();
-    let bufs = items
-        .iter()
-        .map(|d| RawBuffer::get(d, false))
-        .collect::<PyResult<Vec<_>>>()?;
+    // One item (every `write`) stays off the heap.
+    let single: [RawBuffer; 1];
+    let many: Vec<RawBuffer>;
+    let bufs: &[RawBuffer] = if let [item] = items {
+        single = [RawBuffer::get(item, false)?];
+        &single
+    } else {
+        many = items
+            .iter()
+            .map(|d| RawBuffer::get(d, false))
+            .collect::<PyResult<_>>()?;
+        &many
+    };
     let total: usize = bufs.iter().map(RawBuffer::len).sum();
     let mut g = st.lock()?;
     if g.eof {
@@ -586,12 +610,20 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]
     }
     let mut sent = 0;
     if g.wbuf.is_empty() {
-        let slices: Vec<&[u8]> = bufs
-            .iter()
-            .map(RawBuffer::as_slice)
-            .filter(|s| !s.is_empty())
-            .collect();
-        match write_vectored(g.fd, &slices, true) {
+        let one: [&[u8]; 1];
+        let several: Vec<&[u8]>;
+        let slices: &[&[u8]] = if let [b] = bufs {
+            one = [b.as_slice()];
+            &one
+        } else {
+            several = bufs
+                .iter()
+                .map(RawBuffer::as_slice)
+                .filter(|s| !s.is_empty())
+                .collect();
+            &several
+        };
+        match write_vectored(g.fd, slices, true) {
             Ok(n) => sent = n,
             Err(e) if would_block(&e) => {}
             Err(e) => {
@@ -610,9 +642,8 @@ fn write_buffers(obj: &Bound<'_, PyAny>, st: &Stream, items: &[Bound<'_, PyAny>]
         let read = g.want_read;
         g.set_interest(obj, read, true)?;
     }
-    g.wbuf.push_rest(items, &bufs, sent);
+    g.wbuf.push_rest(items, bufs, sent);
     drop(g);
-    drop(bufs);
     transport::maybe_pause_protocol(obj, st)
 }
 
@@ -1026,11 +1057,10 @@ fn m_set_protocol(obj: &Bound<'_, PyAny>, st: &Stream, args: &Args<'_, '_>) -> P
     let [protocol] = args.parse("set_protocol", ["protocol"], 1)?;
     let protocol = protocol.expect("required");
     let py = obj.py();
-    let (buffered, stream_reader) = read_mode(&protocol)?;
+    let mode = read_mode(&protocol)?;
     let old = {
         let mut g = st.lock()?;
-        g.buffered_protocol = buffered;
-        g.stream_reader = stream_reader;
+        g.read_mode = mode;
         g.protocol_connected = true;
         g.protocol.replace(protocol.unbind())
     };
@@ -1354,13 +1384,12 @@ pub fn new_socket_transport<'py>(
         None => Some(eager_extra(&sock, extra.as_ref())?.unbind()),
     };
     set_nodelay(fd);
-    let (buffered, stream_reader) = read_mode(&protocol)?;
+    let read_mode = read_mode(&protocol)?;
     let state = Stream {
         inner: Mutex::new(Inner {
             base: Base::with_extra(fd, dispatch, l, &protocol, extra_dict),
             sock: Some(sock.unbind()),
-            buffered_protocol: buffered,
-            stream_reader,
+            read_mode,
             protocol_connected: true,
             server: server.clone().filter(|s| !s.is_none()).map(Bound::unbind),
             wbuf: WriteBuffer::default(),

@@ -844,10 +844,15 @@ def test_write_accepts_bytes_bytearray_memoryview_and_writelines(loop, tcp):
             transport.write(b"")
             transport.writelines([b"d", bytearray(b"e"), memoryview(b"f")])
             transport.writelines([])
+            transport.write(TaggedBytes(b"g"))
             transport.write_eof()
             return await recv_until_eof(peer)
 
-    assert run(loop, main()) == b"abcdef"
+    assert run(loop, main()) == b"abcdefg"
+
+
+class TaggedBytes(bytes):
+    """A bytes subclass: written through the buffer protocol, unlike exact bytes."""
 
 
 # --------------------------------------------------------------------------- errors
