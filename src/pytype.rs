@@ -509,9 +509,6 @@ fn slot(slot: c_int, pfunc: *mut c_void) -> ffi::PyType_Slot {
     ffi::PyType_Slot { slot, pfunc }
 }
 
-/// Whether instances get their `__dict__` when created (see [`new_instance`]).
-static EAGER_DICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-
 /// A new instance of `ty` (created by [`create_type`] for `S`) owning `state`.
 pub fn new_instance<'py, S: NativeState>(
     ty: &Bound<'py, PyType>,
@@ -527,17 +524,6 @@ pub fn new_instance<'py, S: NativeState>(
             return Err(PyErr::fetch(py));
         }
         *field(obj, STATE_FROM_END) = Box::into_raw(Box::new(state)).cast();
-        let obj = Bound::from_owned_ptr(py, obj);
-        if *EAGER_DICT.get_or_init(|| py.version_info() < (3, 12)) {
-            // 3.11 specializes a method lookup on an instance with a `__dict__` slot only
-            // once the dict exists (3.12 only while it does not): with it, each
-            // `transport.write(...)` from Python skips the generic attribute lookup.
-            let dict = ffi::PyDict_New();
-            if dict.is_null() {
-                return Err(PyErr::fetch(py));
-            }
-            *field(obj.as_ptr(), DICT_FROM_END) = dict;
-        }
-        Ok(obj)
+        Ok(Bound::from_owned_ptr(py, obj))
     }
 }

@@ -59,30 +59,6 @@ def test_transport_accepts_weakrefs_and_attributes(loop):
     assert tag == "mine"
 
 
-@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="3.11's specializing interpreter")
-def test_transport_method_calls_from_python_specialize_on_3_11(loop):
-    # 3.11 keeps a method lookup on an instance with a __dict__ slot generic (about 50
-    # instructions more per call) unless the dict exists; every protocol calls
-    # transport.write from Python.
-    import dis
-
-    def call_methods(transport, n):
-        for _ in range(n):
-            transport.is_closing()
-
-    async def main():
-        transport, _, peer = await _socket_transport(loop)
-        call_methods(transport, 100)
-        transport.close()
-        peer.close()
-        await asyncio.sleep(0)
-
-    loop.run_until_complete(main())
-    ops = [i.opname for i in dis.get_instructions(call_methods, adaptive=True)]
-    lookups = [op for op in ops if op.startswith("LOAD_METHOD")]
-    assert lookups and "LOAD_METHOD_ADAPTIVE" not in lookups, lookups
-
-
 @pytest.mark.ferroloop_only("the stdlib's transport classes can be instantiated by hand")
 def test_native_transport_class_cannot_be_instantiated_directly(loop):
     async def main():
