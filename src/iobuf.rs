@@ -161,9 +161,10 @@ enum View {
 impl RawBuffer {
     pub fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
         let raw = obj.as_ptr();
-        // SAFETY: `raw` is a live object; an exact bytes object's data and size are
-        // fixed for its lifetime, which the new reference extends to ours.
+        // SAFETY: `raw` is a live object.
         if !writable && unsafe { ffi::PyBytes_CheckExact(raw) } != 0 {
+            // SAFETY: an exact bytes object's data and size are fixed for its lifetime,
+            // which the new reference extends to ours.
             return Ok(unsafe {
                 ffi::Py_INCREF(raw);
                 Self {

@@ -683,10 +683,12 @@ impl Reactor {
         Ok(out)
     }
 
-    /// Gives back the (emptied) jobs vector of a [`Readiness`] for the next poll.
+    /// Gives back the (emptied) jobs vector of a [`Readiness`] for the next poll. One
+    /// that never allocated (an idle poll returns a fresh one) must not replace the
+    /// kept one.
     pub fn recycle_jobs(&self, jobs: Vec<Job>) {
         debug_assert!(jobs.is_empty());
-        if jobs.is_empty() {
+        if jobs.is_empty() && jobs.capacity() > 0 {
             *lock(&self.jobs) = jobs;
         }
     }
