@@ -350,14 +350,16 @@ impl LoopCore {
             .new_handle(slf.as_any(), callback, Args::from_tuple(args), None)
             .handle(false)?;
         let waiter = Waiter::Callback(handle.clone_ref(slf.py()));
-        // Its registration can only change callbacks: the selectors skip the syscall
-        // then, which on a closed fd fails (and so does any other change, as there).
-        let old = match closed {
-            true => this.reactor.replace(fd, write, waiter).map(Some),
-            false => Err(waiter),
+        // A closed socket's registration can only change callbacks: the selectors skip
+        // the syscall then, which on a closed fd fails (and so does any other change, as
+        // there).
+        let swapped = if closed {
+            this.reactor.replace(fd, write, waiter)
+        } else {
+            Err(waiter)
         };
-        let old = match old {
-            Ok(old) => old,
+        let old = match swapped {
+            Ok(old) => Some(old),
             Err(waiter) => this.reactor.add(fd, write, waiter).map_err(os_error)?,
         };
         if !fileobj.is_instance_of::<PyInt>() {
