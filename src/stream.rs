@@ -16,6 +16,7 @@
 use std::ffi::c_int;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -27,9 +28,9 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple,
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes, read_bytes_for_streams,
-    read_into, report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored,
-    RawBuffer, WriteBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, py_bool, read_bytes_sized, read_into,
+    report_fatal, schedule_connection_lost, warn_unclosed, would_block, write_vectored, RawBuffer,
+    WriteBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -57,6 +58,9 @@ crate::deref_base!(Inner);
 /// The Rust state of a stream transport object.
 pub struct Stream {
     inner: Mutex<Inner>,
+    /// Size of the last read, which decides how the next one is allocated (outside the
+    /// lock: written only on the loop thread, after the read).
+    last_read: AtomicUsize,
 }
 
 impl Transport for Stream {
@@ -289,19 +293,17 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         const FAILED: &str = "Fatal error: protocol.buffer_updated() call failed.";
         return protocol_call(obj, st, r, FAILED).map(drop);
     }
-    let read = if mode == ReadMode::StreamReader {
-        read_bytes_for_streams(py, fd, true)?
-    } else {
-        read_bytes(py, fd, true)
-    };
-    let data = match read {
+    let last = st.last_read.load(Ordering::Relaxed);
+    let data = match read_bytes_sized(py, fd, true, last, mode == ReadMode::StreamReader)? {
         Ok(d) => d,
         Err(e) if would_block(&e) => return Ok(()),
         Err(e) => return fatal_error(obj, st, os_error(e), "Fatal read error on socket transport"),
     };
-    if data.as_bytes().is_empty() {
+    let n = data.as_bytes().len();
+    if n == 0 {
         return on_eof(obj, st, &protocol);
     }
+    st.last_read.store(n, Ordering::Relaxed);
     let r = protocol.call_method1(intern!(py, "data_received"), (data,));
     protocol_call(
         obj,
@@ -1386,6 +1388,7 @@ pub fn new_socket_transport<'py>(
     set_nodelay(fd);
     let read_mode = read_mode(&protocol)?;
     let state = Stream {
+        last_read: AtomicUsize::new(0),
         inner: Mutex::new(Inner {
             base: Base::with_extra(fd, dispatch, l, &protocol, extra_dict),
             sock: Some(sock.unbind()),

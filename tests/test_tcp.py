@@ -179,6 +179,58 @@ def test_one_read_hands_a_protocol_up_to_256_kib_as_the_stdlib_does(loop, tcp, f
     assert max(sizes) == 256 * KiB
 
 
+# Small, mid-sized and big, in an order that crosses every size the transport chooses
+# its next read's buffer by (the size of the read before): 4 KiB, 64 KiB, 120 KiB.
+MIXED_READ_SIZES = (1 * KiB, 5 * KiB, 10 * KiB, 70 * KiB, 8 * KiB, 1, 50 * KiB, 200 * KiB, 6 * KiB)
+
+
+@pytest.mark.parametrize("factory", [SizeRecorder, SizeRecordingStreamReaderProtocol])
+def test_reads_of_every_size_in_turn_arrive_whole_and_in_order_then_eof(loop, tcp, factory):
+    """Messages of mixed sizes sent one at a time, each arriving as its own read(s), then
+    EOF right after a mid-sized read: every byte in order, and the EOF seen."""
+
+    async def main():
+        async with Session(tcp) as net:
+            transport, protocol, peer = await net.connect_raw_peer(factory)
+            loop = asyncio.get_running_loop()
+            payload = pattern(sum(MIXED_READ_SIZES))
+            sent = 0
+            for size in MIXED_READ_SIZES:
+                await loop.sock_sendall(peer, payload[sent : sent + size])
+                sent += size
+                while sum(protocol.sizes) < sent:
+                    await asyncio.sleep(0.001)
+            peer.shutdown(socket.SHUT_WR)
+            if isinstance(protocol, SizeRecorder):
+                await protocol.eof
+                received = bytes(protocol.data)
+            else:
+                received = await protocol.reader.read(-1)
+                assert protocol.reader.at_eof()
+            return payload, received
+
+    payload, received = run(loop, main())
+    assert_bytes_equal(received, payload)
+
+
+def test_a_reset_after_a_mid_sized_read_is_a_connection_reset(loop, tcp):
+    """The read after a mid-sized one fails with ECONNRESET: connection_lost gets it."""
+
+    async def main():
+        async with Session(tcp) as net:
+            transport, protocol, peer = await net.connect_raw_peer(SizeRecorder)
+            await asyncio.get_running_loop().sock_sendall(peer, pattern(10 * KiB))
+            while sum(protocol.sizes) < 10 * KiB:
+                await asyncio.sleep(0.001)
+            reset(peer)
+            net.socks.remove(peer)
+            return await protocol.lost, protocol.events
+
+    exc, events = run(loop, main())
+    assert isinstance(exc, ConnectionResetError)
+    assert lifecycle(events) == ["made", "data", "lost"]
+
+
 STREAMS_ECHO_SERVER = """
 import asyncio, sys
 block = bytearray(1 << 20)  # a long-running process's allocator: glibc's mmap and trim
