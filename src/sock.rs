@@ -20,7 +20,6 @@ use std::os::fd::RawFd;
 use std::sync::Mutex;
 
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError, PyValueError};
-use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyInt, PyTuple, PyType};
@@ -28,7 +27,7 @@ use pyo3::{intern, PyTraverseError, PyVisit};
 
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
-use crate::iobuf::{lock_state, would_block, RawBuffer};
+use crate::iobuf::{lock_state, would_block, NewBytes, RawBuffer};
 use crate::pyhelpers::cached;
 use crate::reactor::Waiter;
 use crate::sockaddr::SockAddr;
@@ -419,12 +418,6 @@ fn recv(
     }
 }
 
-extern "C" {
-    // CPython's in-place shrink of a fresh bytes object (what `socket.recv` uses); not
-    // in pyo3-ffi's public list, but exported by every CPython 3.
-    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> libc::c_int;
-}
-
 /// `sock.recv(max)`: up to `max` bytes as `bytes`, read straight into a fresh bytes
 /// object that is then shrunk, as the socket module does. (Reading into a shared buffer
 /// and copying out was measured worse: the extra copy of large reads, and an allocation
@@ -435,31 +428,11 @@ fn recv_bytes<'py>(
     max: usize,
     peer: Option<&mut SockAddr>,
 ) -> std::io::Result<Bound<'py, PyBytes>> {
-    let Ok(len) = ffi::Py_ssize_t::try_from(max) else {
-        return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
-    };
-    // SAFETY: a NULL source makes an uninitialised bytes object of `len` bytes, which
-    // we own until it is returned; `_PyBytes_Resize` only shrinks it here.
-    unsafe {
-        let mut obj = ffi::PyBytes_FromStringAndSize(std::ptr::null(), len);
-        if obj.is_null() {
-            PyErr::fetch(py); // the MemoryError, reported as ENOMEM like a failed shrink
-            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
-        }
-        match recv(fd, ffi::PyBytes_AsString(obj).cast(), max, peer) {
-            Ok(n) => {
-                if n < max && _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) != 0 {
-                    PyErr::fetch(py); // obj was freed; report it as out of memory
-                    return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
-                }
-                Ok(Bound::from_owned_ptr(py, obj).cast_into_unchecked())
-            }
-            Err(e) => {
-                ffi::Py_DECREF(obj);
-                Err(e)
-            }
-        }
-    }
+    // A failed allocation (its MemoryError dropped) is reported as out of memory.
+    let enomem = |_: PyErr| std::io::Error::from_raw_os_error(libc::ENOMEM);
+    let block = NewBytes::new(py, max).map_err(enomem)?;
+    let n = recv(fd, block.ptr(), max, peer)?;
+    block.finish(py, n).map_err(enomem)
 }
 
 /// Called by the loop when the op's fd is ready.

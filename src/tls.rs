@@ -42,7 +42,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PySlice, PyType};
 use pyo3::{ffi, intern, PyTraverseError};
 
 use crate::iobuf::{
-    cl, is_exit, lock_state, logger, none, notify_flow_reporting, py_bool, warn_unclosed, RawBuffer,
+    cl, is_exit, lock_state, logger, none, notify_flow_reporting, py_bool, warn_unclosed, NewBytes,
+    RawBuffer,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
@@ -63,66 +64,6 @@ thread_local! {
     /// The loop thread's receive buffer for TLS streams: one `recv`, handed to the
     /// incoming BIO (which copies it) before any Python code runs.
     static RECV: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-unsafe extern "C" {
-    // Part of CPython's C API (not of the limited API); pyo3-ffi keeps its binding private.
-    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
-}
-
-/// A `bytes` object being filled: created uninitialised, private until [`finish`].
-///
-/// [`finish`]: PlainBytes::finish
-struct PlainBytes {
-    obj: *mut ffi::PyObject,
-    len: usize,
-}
-
-impl PlainBytes {
-    fn new(py: Python<'_>, len: usize) -> PyResult<Self> {
-        // SAFETY: a new bytes object of `len` uninitialised bytes (filled before use).
-        let obj =
-            unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t) };
-        if obj.is_null() {
-            return Err(PyErr::fetch(py));
-        }
-        Ok(Self { obj, len })
-    }
-
-    fn ptr(&self) -> *mut u8 {
-        // SAFETY: `obj` is a live bytes object that nothing else references.
-        unsafe { ffi::PyBytes_AsString(self.obj).cast() }
-    }
-
-    /// Resizes in place (or moves, keeping the contents); `obj` has one reference.
-    fn resize(&mut self, py: Python<'_>, len: usize) -> PyResult<()> {
-        // SAFETY: `obj` is a bytes object with a single reference (ours); on failure it is
-        // released and set to NULL.
-        if unsafe { _PyBytes_Resize(&mut self.obj, len as ffi::Py_ssize_t) } != 0 {
-            self.obj = std::ptr::null_mut();
-            return Err(PyErr::fetch(py));
-        }
-        self.len = len;
-        Ok(())
-    }
-
-    /// The first `len` bytes, as a `bytes` object.
-    fn finish<'py>(mut self, py: Python<'py>, len: usize) -> PyResult<Bound<'py, PyBytes>> {
-        if len != self.len {
-            self.resize(py, len)?;
-        }
-        let obj = std::mem::replace(&mut self.obj, std::ptr::null_mut());
-        // SAFETY: `obj` is an owned reference to a bytes object.
-        Ok(unsafe { Bound::from_owned_ptr(py, obj).cast_into_unchecked() })
-    }
-}
-
-impl Drop for PlainBytes {
-    fn drop(&mut self) {
-        // SAFETY: the GIL is held wherever a `PlainBytes` lives (it never leaves the
-        // functions that create it); `obj` is owned or NULL.
-        unsafe { ffi::Py_XDECREF(self.obj) };
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1098,7 +1039,7 @@ fn read_plaintext<'py>(
                     0
                 };
                 let rest = p.incoming_pending_bound()?.unwrap_or(MAX_SIZE) + held;
-                let buf = PlainBytes::new(py, (first.len() + rest).max(1024))?;
+                let buf = NewBytes::new(py, (first.len() + rest).max(1024))?;
                 // SAFETY: `buf` has room for `first`; distinct objects.
                 unsafe {
                     std::ptr::copy_nonoverlapping(first.as_ptr(), buf.ptr(), first.len());
@@ -1107,14 +1048,14 @@ fn read_plaintext<'py>(
                 buf
             }
         },
-        _ => PlainBytes::new(py, cap)?,
+        _ => NewBytes::new(py, cap)?,
     };
     loop {
-        if off == buf.len {
-            let n = (buf.len * 2).max(MAX_SIZE);
+        if off == buf.capacity() {
+            let n = (buf.capacity() * 2).max(MAX_SIZE);
             buf.resize(py, n)?;
         }
-        let avail = buf.len - off;
+        let avail = buf.capacity() - off;
         // SAFETY: `off < buf.len`.
         let ptr = unsafe { buf.ptr().add(off) };
         match p.read_into(py, ptr, avail)? {
