@@ -72,8 +72,9 @@ pub struct LoopCore {
     /// socket (whose `fileno()` is -1), `remove_reader`/`remove_writer` find its
     /// registration by identity, as the selectors' exhaustive lookup does.
     fileobjs: Mutex<FdMap<Py<PyAny>>>,
-    /// The class replaces `time()` (a subclass's own clock).
-    class_clock: bool,
+    /// The class replaces `time()` (a subclass's own clock, or a patch of the class):
+    /// found at creation and again whenever a run starts.
+    class_clock: AtomicBool,
     /// An instance attribute `time` shadows the method (`mock.patch.object(loop,
     /// "time")`, as virtual-clock test helpers do).
     instance_clock: AtomicBool,
@@ -715,9 +716,7 @@ impl LoopCore {
     #[new]
     #[classmethod]
     fn new(cls: &Bound<'_, PyType>) -> PyResult<Self> {
-        let py = cls.py();
-        let own = py.get_type::<LoopCore>().getattr(intern!(py, "time"))?;
-        let class_clock = !cls.getattr(intern!(py, "time"))?.is(&own);
+        let class_clock = AtomicBool::new(class_replaces_time(cls)?);
         Ok(Self {
             sched: SpinLock::new(Scheduler::default()),
             reactor: Reactor::new().map_err(os_error)?,
@@ -776,6 +775,7 @@ impl LoopCore {
 
     /// Runs one iteration (exposed for tests and for `run_forever`'s Python half).
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::check_class_clock(slf)?;
         let mut state = RunState::new(false);
         let result = Self::run_once(slf, &mut state);
         state.scratch.release(slf.py());
@@ -784,6 +784,7 @@ impl LoopCore {
 
     /// Iterates until `stop()` is called; the stop flag is cleared on the way out.
     fn _run_forever_core(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::check_class_clock(slf)?;
         let this = slf.get();
         let pinned = pin_call_soon(slf)?;
         let mut state = RunState::new(true);
@@ -1274,10 +1275,19 @@ impl LoopCore {
     #[inline]
     fn replaced_clock(slf: &Bound<'_, Self>) -> PyResult<Option<f64>> {
         let this = slf.get();
-        if !this.class_clock && !this.instance_clock.load(Ordering::Relaxed) {
+        if !this.class_clock.load(Ordering::Relaxed) && !this.instance_clock.load(Ordering::Relaxed)
+        {
             return Ok(None);
         }
         Self::call_clock(slf).map(Some)
+    }
+
+    /// Notices a class whose `time` was replaced after this loop was created (e.g.
+    /// `mock.patch.object(Loop, "time")`), as a run starts.
+    fn check_class_clock(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let replaced = class_replaces_time(&slf.get_type())?;
+        slf.get().class_clock.store(replaced, Ordering::Relaxed);
+        Ok(())
     }
 
     #[inline(never)]
@@ -1544,6 +1554,13 @@ unsafe fn raw_slice<'a>(ptr: *const *mut ffi::PyObject, len: usize) -> &'a [*mut
         // SAFETY: upheld by the caller.
         unsafe { std::slice::from_raw_parts(ptr, len) }
     }
+}
+
+/// Whether `cls.time` is something other than [`LoopCore::time`].
+fn class_replaces_time(cls: &Bound<'_, PyType>) -> PyResult<bool> {
+    let py = cls.py();
+    let own = py.get_type::<LoopCore>().getattr(intern!(py, "time"))?;
+    Ok(!cls.getattr(intern!(py, "time"))?.is(&own))
 }
 
 /// Whether an attribute name is `time` (the loop's clock method).

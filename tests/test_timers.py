@@ -166,6 +166,32 @@ def test_a_subclass_s_time_drives_its_timers(loop):
         vloop.close()
 
 
+def test_a_patch_of_the_class_s_time_after_the_loop_exists_drives_its_timers(loop):
+    class LaterPatched(type(loop)):
+        pass
+
+    ploop = LaterPatched()
+    virtual = [0.0]
+    fired = []
+
+    async def schedule():
+        return ploop.call_later(3600, fired.append, "due")
+
+    try:
+        with mock.patch.object(LaterPatched, "time", lambda self: virtual[0]):
+            timer = ploop.run_until_complete(schedule())
+            assert timer.when() == 3600
+            ploop.call_soon(ploop.stop)
+            ploop.run_forever()
+            assert fired == []
+            virtual[0] = 3600.0
+            ploop.call_soon(ploop.stop)
+            ploop.run_forever()
+            assert fired == ["due"]
+    finally:
+        ploop.close()
+
+
 def test_a_loop_clock_that_raises_stops_the_run_with_its_error(loop):
     def broken_clock():
         raise ZeroDivisionError("clock")
