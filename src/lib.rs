@@ -13,6 +13,7 @@
 //! - `sock`: `sock_recv`/`sock_recv_into`/`sock_sendall` as native waiters;
 //! - `udp`: UDP/Unix datagram transports; `sockaddr`: socket addresses as the `socket`
 //!   module converts them;
+//! - `server`: a server's set of live connections (the rest of a server is Python);
 //! - `signals`: delivery of `add_signal_handler` callbacks;
 //! - `dns`: the native thread pool behind `getaddrinfo`/`getnameinfo`;
 //! - `clock`: `time.monotonic()`-identical time; `errors`: OSError with errno;
@@ -35,6 +36,7 @@ pub mod pyhelpers;
 pub mod pytype;
 pub mod reactor;
 pub mod ready;
+pub mod server;
 pub mod signals;
 pub mod sock;
 pub mod sockaddr;
@@ -55,6 +57,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::TimerHandle>()?;
     m.add_class::<sock::SockOp>()?;
     m.add_class::<tls::TlsProtocol>()?;
+    m.add_class::<server::ClientSet>()?;
     m.add_function(wrap_pyfunction!(dns::resolve_in_pool, m)?)?;
     // Benchmarks refuse to measure a debug build.
     m.add(

@@ -34,6 +34,7 @@ use crate::iobuf::{
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
+use crate::server::ClientSet;
 use crate::sockaddr::SockAddr;
 use crate::transport::{self, Base, Transport};
 
@@ -51,9 +52,42 @@ pub(crate) struct Inner {
     empty_waiter: Option<Py<PyAny>>,
     /// What the extra dict will hold, while `base.extra` is not built yet.
     lazy: Option<LazyExtra>,
+    /// The server's connection set this transport is in (by address, see [`ClientSet`]).
+    clients: Option<Py<ClientSet>>,
 }
 
 crate::deref_base!(Inner);
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The set holds the transport's address: it must go before the object does.
+        if let Some(clients) = self.clients.take() {
+            clients.get().forget(self.base.owner);
+        }
+    }
+}
+
+/// Puts `transport` (a stream transport, else TypeError) in a server's connection set,
+/// which it leaves when it is freed.
+pub(crate) fn join_client_set(
+    transport: &Bound<'_, PyAny>,
+    clients: &Bound<'_, ClientSet>,
+) -> PyResult<()> {
+    let py = transport.py();
+    if !transport.get_type().is(socket_transport_type(py)?) {
+        return Err(PyTypeError::new_err(format!(
+            "a server's connections are its socket transports, not {}",
+            transport.get_type().name()?
+        )));
+    }
+    // SAFETY: the type check above (the class is final).
+    let st = unsafe { pytype::state::<Stream>(transport) }?;
+    let old = st.lock()?.clients.replace(clients.clone().unbind());
+    if let Some(old) = old.filter(|old| !old.is(clients)) {
+        old.get().forget(transport.as_ptr() as usize);
+    }
+    Ok(())
+}
 
 /// The Rust state of a stream transport object.
 pub struct Stream {
@@ -1399,6 +1433,7 @@ pub fn new_socket_transport<'py>(
             eof: false,
             empty_waiter: None,
             lazy,
+            clients: None,
         }),
     };
     let obj = pytype::new_instance(socket_transport_type(py)?, state)?;

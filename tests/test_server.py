@@ -283,6 +283,63 @@ def test_abort_clients_drops_connections_without_flushing(loop, impl):
     run(loop, main())
 
 
+def test_close_clients_reaches_the_connections_still_open_and_no_other(loop, impl):
+    stdlib_since(impl, (3, 13), "Server.close_clients()")
+
+    async def main():
+        async with Session(TcpEndpoint()) as net:
+            accepted = Accepting()
+            server = await serve(net, accepted)
+            clients = [await connect_raw(net, address_of(server)) for _ in range(3)]
+            protocols = [await accepted.next() for _ in clients]
+            clients[0].close()  # the first connection ends on its own
+            assert await protocols[0].lost is None
+            server.close_clients()
+            assert all(p.transport.is_closing() for p in protocols[1:])
+            for protocol in protocols[1:]:
+                assert await protocol.lost is None
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 5)
+
+    run(loop, main())
+
+
+@pytest.mark.ferroloop_only("ferroloop's own connection set")
+def test_a_servers_connection_set_takes_only_socket_transports(loop):
+    async def main():
+        server = await loop.create_server(asyncio.Protocol, HOST, 0)
+        try:
+            with pytest.raises(TypeError, match="socket transports"):
+                server._clients.add(object())
+            assert len(server._clients) == 0
+        finally:
+            server.close()
+
+    run(loop, main())
+
+
+@pytest.mark.ferroloop_only("ferroloop's own connection set")
+def test_a_transport_freed_while_in_a_connection_set_leaves_it(loop):
+    from ferroloop._ferroloop import ClientSet
+
+    async def main():
+        async with Session(TcpEndpoint()) as net:
+            server = await serve(net)
+            clients = ClientSet()
+            transport, protocol = await loop.create_connection(Recorder, *address_of(server))
+            clients.add(transport)
+            assert transport in clients and clients.copy() == [transport]
+            transport.abort()
+            await protocol.lost
+            del transport, protocol
+            gc.collect()
+            return clients
+
+    clients = run(loop, main())
+    assert len(clients) == 0
+    assert clients.copy() == []
+
+
 # --------------------------------------------------------------------------- accept loop
 
 
