@@ -516,14 +516,36 @@ pub fn new_instance<'py, S: NativeState>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = ty.py();
     // SAFETY: GenericAlloc zero-fills (null dict, weaklist and state) and, for a GC
-    // type, starts tracking the object; the state pointer is set before anything can
-    // call a method on it (a collection in between sees a null state and skips it).
+    // type, starts tracking the object; the state pointer (and the dict, made first so
+    // that nothing can fail once the object exists) is set before anything can call a
+    // method on it (a collection in between sees a null state and skips it).
     unsafe {
+        let dict = if eager_dict(py) {
+            let dict = ffi::PyDict_New();
+            if dict.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            dict
+        } else {
+            ptr::null_mut()
+        };
         let obj = ffi::PyType_GenericAlloc(ty.as_ptr().cast(), 0);
         if obj.is_null() {
+            ffi::Py_XDECREF(dict);
             return Err(PyErr::fetch(py));
         }
         *field(obj, STATE_FROM_END) = Box::into_raw(Box::new(state)).cast();
+        *field(obj, DICT_FROM_END) = dict;
         Ok(Bound::from_owned_ptr(py, obj))
     }
+}
+
+/// Whether instances get their (empty) `__dict__` when they are created: on Python 3.11,
+/// whose interpreter specializes a method call such as `transport.write(data)` only for
+/// an instance whose dict exists (3.12 has a form for a dict not made yet). Without it
+/// every such call takes the generic lookup: about 116 instructions more per request of a
+/// 1 KiB protocol echo (callgrind, 2,676 against 2,560), for 64 bytes per transport.
+fn eager_dict(py: Python<'_>) -> bool {
+    static EAGER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *EAGER.get_or_init(|| py.version_info() < (3, 12))
 }

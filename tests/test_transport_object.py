@@ -43,6 +43,42 @@ def test_socket_transport_is_a_transport_subclass_instance(loop):
     assert issubclass(cls, asyncio.WriteTransport)
 
 
+def _specialized_method_loads(func) -> set[str]:
+    """The specialized forms of the method loads in ``func`` (``dis``'s adaptive view)."""
+    import dis
+
+    return {
+        ins.opname
+        for ins in dis.get_instructions(func, adaptive=True)
+        if ins.opname.startswith(("LOAD_METHOD", "LOAD_ATTR_METHOD"))
+    }
+
+
+@pytest.mark.ferroloop_only("how the interpreter treats ferroloop's native transport class")
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="adaptive interpreter from 3.11")
+def test_a_transport_method_called_from_python_gets_a_specialized_lookup(loop):
+    """The interpreter caches the lookup of ``transport.is_closing`` at the call site
+    (3.11 specializes it only for an instance whose ``__dict__`` exists; without one,
+    each call takes the generic lookup)."""
+
+    def call_often(transport):
+        for _ in range(100):
+            transport.is_closing()
+
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        try:
+            call_often(transport)
+            return _specialized_method_loads(call_often)
+        finally:
+            transport.close()
+            peer.close()
+            await asyncio.sleep(0)
+
+    loads = loop.run_until_complete(main())
+    assert loads and not loads & {"LOAD_METHOD", "LOAD_METHOD_ADAPTIVE", "LOAD_ATTR"}, loads
+
+
 def test_transport_accepts_weakrefs_and_attributes(loop):
     async def main():
         transport, _, peer = await _socket_transport(loop)
