@@ -209,7 +209,7 @@ enum ReadMode {
     Buffered,
     /// `data_received(bytes)`, the `bytes` allocated as `socket.recv` does for the
     /// stdlib's streams (`StreamReaderProtocol`, whose `bytearray` buffer keeps the
-    /// allocator churning otherwise: see `iobuf::read_bytes_for_streams`).
+    /// allocator churning otherwise: see `iobuf::read_bytes_sized`).
     StreamReader,
     /// The native TLS protocol, fed straight from the socket.
     Tls,
