@@ -779,6 +779,7 @@ impl LoopCore {
         let mut state = RunState::new(false);
         let result = Self::run_once(slf, &mut state);
         state.scratch.release(slf.py());
+        crate::iobuf::release_spare(slf.py());
         result
     }
 
@@ -799,6 +800,7 @@ impl LoopCore {
         this.stopping.store(false, Ordering::Relaxed);
         drop(this.pool.drain());
         state.scratch.release(slf.py());
+        crate::iobuf::release_spare(slf.py());
         let unpinned = unpin_call_soon(slf, pinned);
         result.and(unpinned)
     }

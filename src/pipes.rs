@@ -190,9 +190,9 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Pipe) -> PyResult<()> {
     };
     let protocol = protocol.bind(py);
     if !data.as_bytes().is_empty() {
-        return protocol
-            .call_method1(intern!(py, "data_received"), (data,))
-            .map(drop);
+        let r = protocol.call_method1(intern!(py, "data_received"), (&data,));
+        crate::iobuf::recycle(data);
+        return r.map(drop);
     }
     if st.lock()?.loop_ref(py)?.get().debug_enabled() {
         logger(py)?.call_method1(intern!(py, "debug"), ("%r was closed by peer", obj))?;

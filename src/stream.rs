@@ -338,7 +338,8 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Stream) -> PyResult<()> {
         return on_eof(obj, st, &protocol);
     }
     st.last_read.store(n, Ordering::Relaxed);
-    let r = protocol.call_method1(intern!(py, "data_received"), (data,));
+    let r = protocol.call_method1(intern!(py, "data_received"), (&data,));
+    crate::iobuf::recycle(data);
     protocol_call(
         obj,
         st,

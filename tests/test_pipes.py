@@ -13,6 +13,7 @@ import random
 import socket
 
 import pytest
+from netutil import Keeper
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,6 +119,28 @@ async def connected_pair(loop):
     rtr, rproto = await loop.connect_read_pipe(lambda: Recorder(loop), rpipe)
     wtr, wproto = await loop.connect_write_pipe(lambda: Recorder(loop), wpipe)
     return rtr, rproto, wtr, wproto
+
+
+def test_chunks_a_pipe_protocol_keeps_stay_as_they_arrived_and_new_ones_hash_afresh(loop):
+    """As over TCP: equal-sized writes read one at a time, some kept, some dropped."""
+    messages = [bytes([i]) * KiB for i in range(30)]
+
+    async def main():
+        rpipe, wpipe = pipe_files()
+        rtr, protocol = await loop.connect_read_pipe(Keeper, rpipe)
+        with wpipe:
+            for i, message in enumerate(messages):
+                wpipe.write(message)
+                while len(protocol.hashes_agree) <= i:
+                    await asyncio.sleep(0.001)
+        rtr.close()
+        return protocol
+
+    protocol = run(loop, main())
+    assert len(protocol.hashes_agree) == len(messages)
+    assert all(protocol.hashes_agree)
+    assert protocol.kept == messages[0::3]
+    assert [bytes(v) for v in protocol.views] == messages[1::3]
 
 
 @pytest.mark.parametrize("size", [1, 64 * KiB + 1, 4 * MiB], ids=["1B", "64KiB+1", "4MiB"])

@@ -26,6 +26,7 @@ from netutil import (
     Accepting,
     BufferedRecorder,
     EchoServer,
+    Keeper,
     KiB,
     MiB,
     Recorder,
@@ -211,6 +212,28 @@ def test_reads_of_every_size_in_turn_arrive_whole_and_in_order_then_eof(loop, tc
 
     payload, received = run(loop, main())
     assert_bytes_equal(received, payload)
+
+
+def test_chunks_a_protocol_keeps_stay_as_they_arrived_and_dropped_ones_hash_afresh(loop, tcp):
+    """Equal-sized messages, one read each: the chunks kept (as bytes or through a view)
+    still hold what was sent once later ones arrive, and each new chunk hashes as its
+    own contents, not as a chunk dropped before it."""
+    messages = [bytes([i]) * KiB for i in range(30)]
+
+    async def main():
+        async with Session(tcp) as net:
+            transport, protocol, peer = await net.connect_raw_peer(Keeper)
+            for i, message in enumerate(messages):
+                await asyncio.get_running_loop().sock_sendall(peer, message)
+                while len(protocol.hashes_agree) <= i:
+                    await asyncio.sleep(0.001)
+            return protocol
+
+    protocol = run(loop, main())
+    assert len(protocol.hashes_agree) == len(messages)  # one read per message
+    assert all(protocol.hashes_agree)
+    assert protocol.kept == messages[0::3]
+    assert [bytes(v) for v in protocol.views] == messages[1::3]
 
 
 def test_a_reset_after_a_mid_sized_read_is_a_connection_reset(loop, tcp):
