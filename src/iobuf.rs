@@ -30,7 +30,8 @@ struct ReadState {
     /// Data is copied out into a `bytes` of the exact size before any Python code runs,
     /// so one buffer serves every transport.
     buf: RefCell<Box<[u8]>>,
-    /// A `bytes` handed to `data_received` that came back with no other reference (see
+    /// A `bytes` handed to `data_received` (or `datagram_received`) that came back with no
+    /// other reference (see
     /// [`recycle`]): an owned reference or NULL. Not dropped with the thread: the loop
     /// empties it when it stops running, with the GIL held ([`release_spare`]).
     spare: Cell<*mut ffi::PyObject>,
@@ -350,10 +351,18 @@ pub(crate) fn read_bytes<'py>(
     fd: RawFd,
     socket: bool,
 ) -> io::Result<Bound<'py, PyBytes>> {
+    read_bytes_with(py, |buf| read_into(fd, buf.as_mut_ptr(), buf.len(), socket))
+}
+
+/// What `read` (one syscall into the loop thread's buffer, returning the length read)
+/// brought, as `bytes`.
+pub(crate) fn read_bytes_with<'py>(
+    py: Python<'py>,
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<Bound<'py, PyBytes>> {
     READ.with(|r| {
         let buf = &mut *r.buf.borrow_mut();
-        read_into(fd, buf.as_mut_ptr(), buf.len(), socket)
-            .map(|n| bytes_from(py, &r.spare, &buf[..n]))
+        read(buf).map(|n| bytes_from(py, &r.spare, &buf[..n]))
     })
 }
 

@@ -22,7 +22,6 @@
 //!
 //! Locking follows `stream`: the state's mutex is never held while Python code runs.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::io;
@@ -40,27 +39,18 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyTuple, PyType};
 use crate::errors::os_error;
 use crate::event_loop::LoopCore;
 use crate::iobuf::{
-    cl, close_fd, is_exit, lock_state, logger, none, report_fatal, schedule_connection_lost,
-    RawBuffer,
+    cl, close_fd, is_exit, lock_state, logger, none, read_bytes_with, report_fatal,
+    schedule_connection_lost, RawBuffer, MAX_READ,
 };
 use crate::pyhelpers::cached;
 use crate::pytype::{self, Args, MethodSpec, NativeState, Visit};
 use crate::sockaddr::SockAddr;
 use crate::transport::{self, Base, Transport};
 
-/// Bytes asked of one `recvfrom` (the stdlib's `max_size`); longer datagrams are
-/// truncated, as with `sock.recvfrom(max_size)`.
-const MAX_READ: usize = 256 * 1024;
 /// After this many `sendto` calls on a lost endpoint, each one logs a warning.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 const READ_ERROR: &str = "Fatal read error on datagram transport";
 const WRITE_ERROR: &str = "Fatal write error on datagram transport";
-
-thread_local! {
-    /// The loop thread's receive buffer: each datagram is copied into a `bytes` of its
-    /// exact size before any Python code runs, so one buffer serves every endpoint.
-    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_READ].into_boxed_slice());
-}
 
 /// A datagram waiting for the socket to become writable.
 struct Datagram {
@@ -393,8 +383,9 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
         return read_through_socket(obj, st, &protocol, sock);
     }
     let mut sa = SockAddr::empty();
-    let read = READ_BUF
-        .with_borrow_mut(|buf| recvfrom(fd, buf, &mut sa).map(|n| PyBytes::new(py, &buf[..n])));
+    // Into the loop's read buffer (the stdlib's `max_size`: longer datagrams are truncated,
+    // as with `sock.recvfrom(max_size)`).
+    let read = read_bytes_with(py, |buf| recvfrom(fd, buf, &mut sa));
     let data = match read {
         Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(()),
@@ -405,9 +396,9 @@ fn on_readable(obj: &Bound<'_, PyAny>, st: &Dgram) -> PyResult<()> {
         Err(e) if is_exit(py, &e) => return Err(e),
         Err(e) => return fatal_error(obj, st, e, READ_ERROR),
     };
-    protocol
-        .call_method1(intern!(py, "datagram_received"), (data, addr))
-        .map(drop)
+    let r = protocol.call_method1(intern!(py, "datagram_received"), (&data, addr));
+    crate::iobuf::recycle(data);
+    r.map(drop)
 }
 
 /// The Python form of the sender's address, reusing the last one for the same sender.

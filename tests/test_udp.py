@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import pytest
+from netutil import Keeper
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -232,6 +233,37 @@ def test_many_datagrams_arrive_in_order(loop):
         await sp.lost
 
     run(loop, main())
+
+
+class DatagramKeeper(asyncio.DatagramProtocol):
+    """netutil's Keeper, fed datagrams."""
+
+    def __init__(self):
+        self.keeper = Keeper()
+
+    def datagram_received(self, data, addr):
+        self.keeper.data_received(data)
+
+
+def test_datagrams_a_protocol_keeps_stay_as_they_arrived_and_new_ones_hash_afresh(loop):
+    """As over TCP: equal-sized datagrams one at a time, some kept, some dropped."""
+    messages = [bytes([i]) * 1024 for i in range(30)]
+
+    async def main():
+        st, sp = await loop.create_datagram_endpoint(DatagramKeeper, local_addr=("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for i, message in enumerate(messages):
+                sender.sendto(message, st.get_extra_info("sockname"))
+                while len(sp.keeper.hashes_agree) <= i:
+                    await asyncio.sleep(0.001)
+        st.close()
+        return sp.keeper
+
+    keeper = run(loop, main())
+    assert len(keeper.hashes_agree) == len(messages)
+    assert all(keeper.hashes_agree)
+    assert keeper.kept == messages[0::3]
+    assert [bytes(v) for v in keeper.views] == messages[1::3]
 
 
 def test_largest_udp_datagram_arrives_intact(loop):
