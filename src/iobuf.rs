@@ -31,9 +31,9 @@ struct ReadState {
     /// so one buffer serves every transport.
     buf: RefCell<Box<[u8]>>,
     /// A `bytes` handed to `data_received` (or `datagram_received`) that came back with no
-    /// other reference (see
-    /// [`recycle`]): an owned reference or NULL. Not dropped with the thread: the loop
-    /// empties it when it stops running, with the GIL held ([`release_spare`]).
+    /// other reference (see [`recycle`]): an owned reference or NULL. Not dropped with the
+    /// thread: the loop empties it when it stops running, with the GIL held
+    /// ([`release_spare`]).
     spare: Cell<*mut ffi::PyObject>,
 }
 
