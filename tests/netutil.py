@@ -429,6 +429,13 @@ class Keeper(asyncio.Protocol):
         elif which == 1:
             self.views.append(memoryview(data))
 
+    def assert_intact(self, messages: list[bytes]) -> None:
+        """*messages* arrived one per call, kept ones unchanged, every hash fresh."""
+        assert len(self.hashes_agree) == len(messages)  # one read per message
+        assert all(self.hashes_agree)
+        assert self.kept == messages[0::3]
+        assert [bytes(v) for v in self.views] == messages[1::3]
+
 
 async def recv_until_eof(sock: socket.socket, limit: int | None = None) -> bytes:
     """Read *sock* with ``loop.sock_recv`` until EOF (or until *limit* bytes arrived)."""

@@ -137,10 +137,7 @@ def test_chunks_a_pipe_protocol_keeps_stay_as_they_arrived_and_new_ones_hash_afr
         return protocol
 
     protocol = run(loop, main())
-    assert len(protocol.hashes_agree) == len(messages)
-    assert all(protocol.hashes_agree)
-    assert protocol.kept == messages[0::3]
-    assert [bytes(v) for v in protocol.views] == messages[1::3]
+    protocol.assert_intact(messages)
 
 
 @pytest.mark.parametrize("size", [1, 64 * KiB + 1, 4 * MiB], ids=["1B", "64KiB+1", "4MiB"])

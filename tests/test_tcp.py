@@ -230,10 +230,7 @@ def test_chunks_a_protocol_keeps_stay_as_they_arrived_and_dropped_ones_hash_afre
             return protocol
 
     protocol = run(loop, main())
-    assert len(protocol.hashes_agree) == len(messages)  # one read per message
-    assert all(protocol.hashes_agree)
-    assert protocol.kept == messages[0::3]
-    assert [bytes(v) for v in protocol.views] == messages[1::3]
+    protocol.assert_intact(messages)
 
 
 def test_a_reset_after_a_mid_sized_read_is_a_connection_reset(loop, tcp):

@@ -260,10 +260,7 @@ def test_datagrams_a_protocol_keeps_stay_as_they_arrived_and_new_ones_hash_afres
         return sp.keeper
 
     keeper = run(loop, main())
-    assert len(keeper.hashes_agree) == len(messages)
-    assert all(keeper.hashes_agree)
-    assert keeper.kept == messages[0::3]
-    assert [bytes(v) for v in keeper.views] == messages[1::3]
+    keeper.assert_intact(messages)
 
 
 def test_largest_udp_datagram_arrives_intact(loop):
