@@ -734,37 +734,15 @@ impl LoopCore {
         })
     }
 
-    /// Notices an instance attribute `time` replacing the clock (see
-    /// [`Self::replaced_clock`]).
-    fn __setattr__(
-        slf: &Bound<'_, Self>,
-        name: &Bound<'_, PyString>,
-        value: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        // SAFETY: all three are live objects; the generic setter is what the type would
-        // use without this method.
-        let rc =
-            unsafe { ffi::PyObject_GenericSetAttr(slf.as_ptr(), name.as_ptr(), value.as_ptr()) };
-        if rc < 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        if is_time(name) {
-            slf.get().instance_clock.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn __delattr__(slf: &Bound<'_, Self>, name: &Bound<'_, PyString>) -> PyResult<()> {
-        // SAFETY: as in `__setattr__`; a NULL value deletes.
-        let rc = unsafe {
-            ffi::PyObject_GenericSetAttr(slf.as_ptr(), name.as_ptr(), std::ptr::null_mut())
-        };
-        if rc < 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        if is_time(name) {
-            slf.get().instance_clock.store(false, Ordering::Relaxed);
-        }
+    /// Re-reads whether the instance's own `time` attribute replaces the clock (see
+    /// [`Self::replaced_clock`]). `Loop.__setattr__`/`__delattr__` call it when `time`
+    /// changes; they are Python methods so that `object.__setattr__(loop, ...)` keeps
+    /// working, which it would not with a C-level `tp_setattro` here.
+    fn _note_clock(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let dict = slf.getattr(intern!(py, "__dict__"))?;
+        let own = dict.cast::<PyDict>()?.contains(intern!(py, "time"))?;
+        slf.get().instance_clock.store(own, Ordering::Relaxed);
         Ok(())
     }
 
@@ -775,7 +753,7 @@ impl LoopCore {
 
     /// Runs one iteration (exposed for tests and for `run_forever`'s Python half).
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::check_class_clock(slf)?;
+        Self::check_clocks(slf)?;
         let mut state = RunState::new(false);
         let result = Self::run_once(slf, &mut state);
         state.scratch.release(slf.py());
@@ -785,7 +763,7 @@ impl LoopCore {
 
     /// Iterates until `stop()` is called; the stop flag is cleared on the way out.
     fn _run_forever_core(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::check_class_clock(slf)?;
+        Self::check_clocks(slf)?;
         let this = slf.get();
         let pinned = pin_call_soon(slf)?;
         let mut state = RunState::new(true);
@@ -1284,12 +1262,13 @@ impl LoopCore {
         Self::call_clock(slf).map(Some)
     }
 
-    /// Notices a class whose `time` was replaced after this loop was created (e.g.
-    /// `mock.patch.object(Loop, "time")`), as a run starts.
-    fn check_class_clock(slf: &Bound<'_, Self>) -> PyResult<()> {
+    /// Notices, as a run starts, a class whose `time` was replaced after this loop was
+    /// created (e.g. `mock.patch.object(Loop, "time")`), and an instance `time` set past
+    /// `Loop.__setattr__` (with `object.__setattr__`).
+    fn check_clocks(slf: &Bound<'_, Self>) -> PyResult<()> {
         let replaced = class_replaces_time(&slf.get_type())?;
         slf.get().class_clock.store(replaced, Ordering::Relaxed);
-        Ok(())
+        Self::_note_clock(slf)
     }
 
     #[inline(never)]
@@ -1563,11 +1542,6 @@ fn class_replaces_time(cls: &Bound<'_, PyType>) -> PyResult<bool> {
     let py = cls.py();
     let own = py.get_type::<LoopCore>().getattr(intern!(py, "time"))?;
     Ok(!cls.getattr(intern!(py, "time"))?.is(&own))
-}
-
-/// Whether an attribute name is `time` (the loop's clock method).
-fn is_time(name: &Bound<'_, PyString>) -> bool {
-    name.is(intern!(name.py(), "time")) || name.to_str().is_ok_and(|n| n == "time")
 }
 
 /// A float argument as PyO3 extracts one (`PyFloat_AsDouble`), None refused with `none`.

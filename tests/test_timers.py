@@ -192,6 +192,24 @@ def test_a_patch_of_the_class_s_time_after_the_loop_exists_drives_its_timers(loo
         ploop.close()
 
 
+def test_object_setattr_works_on_a_loop_and_a_clock_set_that_way_moves_the_timers(loop):
+    # Some libraries bypass a class's __setattr__; the stdlib loop accepts that.
+    object.__setattr__(loop, "tag", "set")
+    assert loop.tag == "set"
+    object.__delattr__(loop, "tag")
+    assert not hasattr(loop, "tag")
+    timers = []
+    object.__setattr__(loop, "time", lambda: 1000.0)
+    try:
+        loop.call_soon(lambda: timers.append(loop.call_later(1, print)))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        object.__delattr__(loop, "time")
+    timers[0].cancel()
+    assert timers[0].when() == 1001.0
+
+
 def test_a_loop_clock_that_raises_stops_the_run_with_its_error(loop):
     def broken_clock():
         raise ZeroDivisionError("clock")

@@ -86,6 +86,16 @@ class Loop(
         self._clock_resolution = time.get_clock_info("monotonic").resolution
         self.set_debug(coroutines._is_debug_mode())
 
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "time":  # an instance clock moves the timers too, as in the stdlib
+            self._note_clock()
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        if name == "time":
+            self._note_clock()
+
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} running={self.is_running()} "
