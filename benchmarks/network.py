@@ -57,7 +57,7 @@ OTHER_LOAD = 0.25  # CPU (share of a core) used by other processes, above which 
 SERVER_START_TIMEOUT = 30.0
 # Before each measurement: while other processes keep more than QUIET_CORES of CPU busy
 # (sampled over QUIET_SAMPLE s), wait, at most QUIET_MAX_PER_CELL s per cell and the run's
-# --net-quiet-budget in all.
+# --quiet-budget in all (in-process measurements wait the same way).
 QUIET_CORES = 0.3
 QUIET_SAMPLE = 0.1
 QUIET_MAX_PER_CELL = 10.0
@@ -207,6 +207,15 @@ assert set(QUICK_NET_WORKLOADS) <= set(NET_WORKLOADS) >= set(FULL_NET_WORKLOADS)
 
 
 @dataclass
+class Quiet:
+    """A run's allowance for waiting on a quiet machine, shared by every measurement."""
+
+    budget: float  # seconds left
+    waited: float = 0.0  # seconds waited so far
+    waits: int = 0  # measurements that waited
+
+
+@dataclass
 class NetOptions:
     warmup: float
     duration: float
@@ -214,10 +223,8 @@ class NetOptions:
     client_cpu: int | None
     extra_path: list[str]  # --path arguments for ferroloop's server
     env: dict[str, str]
+    quiet: Quiet
     tls_files: tuple[str, str] | None = None  # (certificate, key) for the TLS workloads
-    quiet_budget: float = 0.0  # seconds left to wait for a quiet machine
-    quiet_waited: float = 0.0  # seconds waited so far
-    quiet_waits: int = 0  # cells that waited
 
 
 def pick_cpus() -> tuple[int | None, int | None]:
@@ -250,10 +257,10 @@ def machine_busy_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def wait_quiet(opts: NetOptions) -> None:
+def wait_quiet(quiet: Quiet) -> None:
     """Wait (within the budget) until other processes leave the CPUs mostly idle."""
     waited = 0.0
-    while opts.quiet_budget > 0 and waited < QUIET_MAX_PER_CELL:
+    while quiet.budget > 0 and waited < QUIET_MAX_PER_CELL:
         try:
             b0 = machine_busy_seconds()
             time.sleep(QUIET_SAMPLE)
@@ -264,10 +271,10 @@ def wait_quiet(opts: NetOptions) -> None:
             break
         time.sleep(0.5)
         waited += 0.5 + QUIET_SAMPLE
-        opts.quiet_budget -= 0.5 + QUIET_SAMPLE
+        quiet.budget -= 0.5 + QUIET_SAMPLE
     if waited:
-        opts.quiet_waited += waited
-        opts.quiet_waits += 1
+        quiet.waited += waited
+        quiet.waits += 1
         print(f"  (waited {waited:.1f} s for other processes to leave the CPUs)", flush=True)
 
 
@@ -838,7 +845,7 @@ def _run_all(
                 if key in errors:  # failed once: don't retry
                     continue
                 if not isinstance(w, MemWorkload):  # memory does not depend on a quiet machine
-                    wait_quiet(opts)
+                    wait_quiet(opts.quiet)
                 t0 = time.perf_counter()
                 out = measure(w, loop, opts)
                 took = time.perf_counter() - t0

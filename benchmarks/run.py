@@ -27,6 +27,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,22 @@ def run_worker(cmd: list[str], timeout: float) -> dict[str, Any]:
         return {"error": f"exit {proc.returncode}: {tail}"}
     if proc.returncode != 0 and "error" not in out:
         out["error"] = f"exit {proc.returncode}"
+    return out
+
+
+def run_measure(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """`run_worker`, plus `other_load`: the CPU every other process used meanwhile, as a
+    share of one core (`/proc/stat` busy time, steal included, minus the worker's)."""
+    try:
+        busy0, kids0 = network.machine_busy_seconds(), network.children_cpu_seconds()
+    except (OSError, ValueError):
+        busy0 = kids0 = None
+    t0 = time.perf_counter()
+    out = run_worker(cmd, timeout)
+    took = time.perf_counter() - t0
+    if busy0 is not None and kids0 is not None and "error" not in out:
+        other = network.machine_busy_seconds() - busy0 - (network.children_cpu_seconds() - kids0)
+        out["other_load"] = max(other, 0.0) / took
     return out
 
 
@@ -248,6 +265,7 @@ def workload_size(workload: str, scale: int) -> str:
 def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
     walls = [s["wall"] for s in samples]
     cpus = [s["cpu"] for s in samples]
+    others = [s.get("other_load", float("nan")) for s in samples]
     return {
         "wall_median": statistics.median(walls),
         "wall_min": min(walls),
@@ -255,6 +273,8 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
         "cpu_median": statistics.median(cpus),
         "cpu_min": min(cpus),
         "cpu_max": max(cpus),
+        "other_median": statistics.median(others),
+        "other_max": max(others),
         "n": len(samples),
     }
 
@@ -269,13 +289,13 @@ def workload_table(
     ref = stats.get((workload, REFERENCE))
     head = (
         "| loop | wall median (ms) | wall min | wall max | CPU median (ms) | CPU min | CPU max "
-        f"| ferroloop speedup ({metric}) |"
+        f"| other load median / max | ferroloop speedup ({metric}) |"
     )
-    rows = [head, "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for loop in loops:
         key = (workload, loop)
         if key in errors:
-            rows.append(f"| {loop} | error: {errors[key]} | | | | | | |")
+            rows.append(f"| {loop} | error: {errors[key]} | | | | | | | |")
             continue
         s = stats[key]
         if loop == REFERENCE:
@@ -286,9 +306,14 @@ def workload_table(
             ratio = speedup(s[f"{metric}_median"], ref[f"{metric}_median"])
         rows.append(
             f"| {loop} | {ms(s['wall_median'])} | {ms(s['wall_min'])} | {ms(s['wall_max'])} "
-            f"| {ms(s['cpu_median'])} | {ms(s['cpu_min'])} | {ms(s['cpu_max'])} | {ratio} |"
+            f"| {ms(s['cpu_median'])} | {ms(s['cpu_min'])} | {ms(s['cpu_max'])} "
+            f"| {s['other_median']:.0%} / {s['other_max']:.0%}{other_flag(s)} | {ratio} |"
         )
     return rows
+
+
+def other_flag(s: dict[str, float]) -> str:
+    return " §" if s["other_median"] > network.OTHER_LOAD else ""
 
 
 def ratio_table(
@@ -401,11 +426,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--net-duration", type=float, help="seconds measured per cell (default 1.0; quick 0.5)"
     )
     p.add_argument(
+        "--quiet-budget",
         "--net-quiet-budget",
+        dest="quiet_budget",
         type=float,
         default=120,
-        help="seconds a run may spend in all waiting, before network cells, for other processes "
-        "to leave the CPUs idle (default 120; 0: never wait)",
+        help="seconds a run may spend in all waiting, before each measurement, for other "
+        "processes to leave the CPUs idle (default 120; 0: never wait)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     p.add_argument("--write-results", action="store_true", help=f"write {RESULTS}")
@@ -521,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"# in-process: {len(args.workloads)} workloads, {args.reps} reps, sizes ÷{args.scale}"
         )
+    quiet = network.Quiet(budget=args.quiet_budget)
     net = None
     if args.net_workloads:
         server_cpu, client_cpu = network.pick_cpus()
@@ -531,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             client_cpu=client_cpu,
             extra_path=[str(Path(args.ferroloop_path).resolve())] if args.ferroloop_path else [],
             env=worker_env(),
-            quiet_budget=args.net_quiet_budget,
+            quiet=quiet,
         )
         print(
             f"# network: {len(args.net_workloads)} workloads, {args.net_reps} reps, "
@@ -553,16 +581,19 @@ def main(argv: list[str] | None = None) -> int:
                 if key in errors:  # failed once: don't retry
                     continue
                 cmd = ["measure", w, loop, str(args.scale), *path_args(loop, args)]
-                out = run_worker(cmd, args.timeout)
+                network.wait_quiet(quiet)
+                out = run_measure(cmd, args.timeout)
                 if "error" in out:
                     errors[key] = out["error"]
                     print(f"  {w:16} rep {rep + 1}  {loop:9}  error: {out['error']}", flush=True)
                     continue
                 assert out["alloc_warmup_bytes"] == ALLOC_WARMUP_BYTES
                 samples.setdefault(key, []).append(out)
+                other = out.get("other_load", 0.0)
+                busy = f"  (other load {other:.0%})" if other > network.OTHER_LOAD else ""
                 print(
                     f"  {w:16} rep {rep + 1}  {loop:9}  wall {ms(out['wall']):>9} ms"
-                    f"  cpu {ms(out['cpu']):>9} ms",
+                    f"  cpu {ms(out['cpu']):>9} ms{busy}",
                     flush=True,
                 )
     stats = {k: summarize(v) for k, v in samples.items() if k not in errors}
@@ -635,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 inproc_report,
                 net_report,
                 net,
+                quiet,
                 load_before,
                 load_after,
                 revision,
@@ -692,6 +724,14 @@ NET_TABLE_NOTE = (
 )
 
 
+QUIET_NOTE = (
+    f"Before each measurement the driver samples the machine's busy CPU for "
+    f"{network.QUIET_SAMPLE:g} s and, while other processes keep more than "
+    f"{network.QUIET_CORES:g} of a core busy, waits (at most {network.QUIET_MAX_PER_CELL:g} s "
+    "per measurement and the run's budget in all; see Run above)."
+)
+
+
 def results_md(
     args: argparse.Namespace,
     command: str,
@@ -700,6 +740,7 @@ def results_md(
     inproc_report: str,
     net_report: str,
     net: network.NetOptions | None,
+    quiet: network.Quiet,
     load_before: str,
     load_after: str,
     revision: str,
@@ -736,10 +777,12 @@ def results_md(
             f"repetitions per (workload, loop), {net.warmup:g} s warm-up + {net.duration:g} s "
             f"measured per repetition; servers pinned to CPU {net.server_cpu}, the load "
             f"generator to CPU {net.client_cpu}; load generator built with "
-            f"{network.rustc_version()}; waited {net.quiet_waited:.0f} s in all "
-            f"(before {net.quiet_waits} cell(s), budget {args.net_quiet_budget:g} s) for other "
-            "processes to leave the CPUs idle"
+            f"{network.rustc_version()}"
         )
+    run_lines.append(
+        f"- waited {quiet.waited:.0f} s in all (before {quiet.waits} measurement(s), budget "
+        f"{args.quiet_budget:g} s) for other processes to leave the CPUs idle"
+    )
     alloc_note = (
         f"- Allocator warm-up: before anything else, every measuring subprocess (in-process "
         f"workers and the Python echo servers alike) allocated and freed one "
@@ -806,6 +849,9 @@ def results_md(
             "counts, sums).",
             "- Wall = `time.perf_counter`; CPU = `time.process_time` (user + system, whole "
             "process, all threads).",
+            f"- {QUIET_NOTE} Other load in the tables: CPU time every other process used while "
+            "the worker ran (`/proc/stat` busy time, steal included, minus the worker's), as a "
+            "share of one core; **§** marks a median above 25 %.",
             f"- Fixed parameters: random seed {SEED}, queue maxsize {QUEUE_MAXSIZE}.",
         ]
     if net is not None:
@@ -826,10 +872,7 @@ def results_md(
             "- Server CPU over the measured window: utime + stime of the server process from "
             "`/proc/PID/stat`, read by the client when the window opens and closes (10 ms "
             "ticks). Client CPU: its own `getrusage`.",
-            "- Before each measurement the driver samples the machine's busy CPU for 0.1 s and, "
-            "while other processes keep more than 0.3 of a core busy, waits (at most 10 s per "
-            "cell and the run's budget in all; see Run above). The tables still show the other "
-            "load during each window.",
+            f"- {QUIET_NOTE} The tables still show the other load during each window.",
             "- TCP on 127.0.0.1 with `TCP_NODELAY` on both ends; Unix sockets in a fresh "
             "temporary directory. Servers listen with backlog 1024 and read at most 65,536 "
             "bytes at a time (streams, sock).",
