@@ -564,8 +564,16 @@ impl LoopCore {
     #[inline(never)]
     fn run_io(slf: &Bound<'_, Self>, ev: IoEvent, debug: bool) -> PyResult<()> {
         let py = slf.py();
-        let target = ev.target.bind(py);
-        let run = || in_context(py, ev.context.as_ref(), || (ev.dispatch)(target, ev.write));
+        // Bound, so the references are released directly: dropping a `Py` first asks a
+        // thread-local whether the interpreter is attached.
+        let target = ev.target.into_bound(py);
+        let context = ev.context.map(|c| c.into_bound(py));
+        let target = &target;
+        let run = || {
+            in_context(py, context.as_ref().map(|c| c.as_unbound()), || {
+                (ev.dispatch)(target, ev.write)
+            })
+        };
         if debug {
             slf.get().run_timed(slf, target, run)
         } else {
