@@ -65,6 +65,11 @@ pub struct LoopCore {
     /// `create_task` can tell there is none without an attribute lookup; visited by the
     /// collector (see `__traverse__`).
     task_factory: Mutex<Option<Py<PyAny>>>,
+    /// `{"loop": self}`, made once: the keyword arguments of every `Future` that
+    /// `create_future` makes and every plain `Task`. `Future` and `Task` have no vectorcall,
+    /// so passing `loop=` as a keyword built a new dict per call. A cycle through the loop,
+    /// visited by the collector (see `__traverse__`).
+    loop_kwargs: Mutex<Option<Py<PyDict>>>,
     /// Spent handles kept for reuse while the loop runs (emptied when it stops).
     pool: HandlePool,
     /// fd -> the object (not an int) `add_reader`/`add_writer` first registered it with,
@@ -697,10 +702,23 @@ impl LoopCore {
     /// `Future(loop=slf)`: what `create_future` returns.
     pub(crate) fn new_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         static FUTURE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-        static NAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
         let py = slf.py();
         let future = cached(py, &FUTURE, "asyncio.futures", "Future")?;
-        call_with_keywords(future, &[], &NAMES, &["loop"], &[slf.as_any()])
+        future.call((), Some(&Self::loop_kwargs(slf)?))
+    }
+
+    /// `{"loop": slf}` (see `loop_kwargs`). Callees must not change it: `Future` and
+    /// `Task` only read their keyword arguments, and a Python `__init__` gets a copy.
+    fn loop_kwargs<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
+        let py = slf.py();
+        let mut kwargs = lock(&slf.get().loop_kwargs);
+        if let Some(d) = &*kwargs {
+            return Ok(d.bind(py).clone());
+        }
+        let d = PyDict::new(py);
+        d.set_item(intern!(py, "loop"), slf)?;
+        *kwargs = Some(d.clone().unbind());
+        Ok(d)
     }
 
     /// Re-arms `fd` for its native waiter after a spurious wake-up.
@@ -735,6 +753,7 @@ impl LoopCore {
             debug: AtomicBool::new(false),
             slow_callback_duration: Mutex::new(0.1),
             task_factory: Mutex::new(None),
+            loop_kwargs: Mutex::new(None),
             pool: HandlePool::default(),
             fileobjs: Mutex::new(FdMap::default()),
             class_clock,
@@ -860,11 +879,18 @@ impl LoopCore {
                 visit.call(factory)?;
             }
         }
+        if let Ok(kwargs) = self.loop_kwargs.try_lock() {
+            if let Some(kwargs) = &*kwargs {
+                visit.call(kwargs)?;
+            }
+        }
         Ok(())
     }
 
     fn __clear__(&self) {
         let old = lock(&self.task_factory).take();
+        drop(old);
+        let old = lock(&self.loop_kwargs).take();
         drop(old);
     }
 
@@ -1216,6 +1242,9 @@ impl LoopCore {
         drop(targets);
         drop(fileobjs);
         drop(ready);
+        // Breaks the loop's cycle through its own keyword dict: a closed loop nothing
+        // else references is freed at once, as before the dict existed.
+        drop(lock(&self.loop_kwargs).take());
     }
 }
 
@@ -1691,7 +1720,6 @@ unsafe fn create_task_fast(
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<*mut ffi::PyObject> {
     static TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    static LOOP_ONLY: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
     static ALL: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
     // SAFETY: CPython's method-call contract (see the function's safety section).
     let this = unsafe { receiver(py, &slf) }.get();
@@ -1704,23 +1732,24 @@ unsafe fn create_task_fast(
         return unsafe { create_task_general(py, slf, args, nargs, kwnames) };
     };
     this.check_closed()?;
-    let task = cached(py, &TASK, "asyncio.tasks", "Task")?.as_ptr();
+    let task = cached(py, &TASK, "asyncio.tasks", "Task")?;
     // SAFETY: `args` holds the one positional argument.
     let coro = unsafe { *args };
+    // The keywords left out default to None, as when passed as None.
+    if name.is_null() && context.is_null() {
+        // SAFETY: `slf` is the method's receiver, a live LoopCore; `coro` a live object.
+        let (slf, coro) = unsafe { (receiver(py, &slf), Borrowed::from_ptr(py, coro)) };
+        let kwargs = LoopCore::loop_kwargs(slf)?;
+        return task.call((coro,), Some(&kwargs)).map(Bound::into_ptr);
+    }
+    let task = task.as_ptr();
     // SAFETY: a borrowed pointer to the None singleton.
     let none = unsafe { ffi::Py_None() };
-    // The keywords left out default to None, as when passed as None.
-    let (all, names) = if name.is_null() && context.is_null() {
-        let names =
-            LOOP_ONLY.get_or_try_init(py, || PyTuple::new(py, ["loop"]).map(Bound::unbind))?;
-        ([coro, slf, none, none], names)
-    } else {
-        let names = ALL.get_or_try_init(py, || {
-            PyTuple::new(py, ["loop", "name", "context"]).map(Bound::unbind)
-        })?;
-        let or_none = |p: *mut ffi::PyObject| if p.is_null() { none } else { p };
-        ([coro, slf, or_none(name), or_none(context)], names)
-    };
+    let names = ALL.get_or_try_init(py, || {
+        PyTuple::new(py, ["loop", "name", "context"]).map(Bound::unbind)
+    })?;
+    let or_none = |p: *mut ffi::PyObject| if p.is_null() { none } else { p };
+    let all = [coro, slf, or_none(name), or_none(context)];
     // SAFETY: `all` starts with the one positional argument, then a live value for each
     // name in `names` (all borrowed for the call); the result is a new reference or NULL
     // with an exception set.

@@ -11,6 +11,8 @@ import asyncio
 import gc
 import weakref
 
+import pytest
+
 
 class Holder:
     """Keeps the handle of its own callback, a common pattern (`self._h = call_soon(...)`)."""
@@ -83,3 +85,34 @@ def test_task_sleeping_on_a_timer_is_collected_after_completion(loop):
     ref = weakref.ref(task)
     del task
     assert_collected(ref)
+
+
+async def make_a_future_and_a_task() -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    loop.call_soon(fut.set_result, None)
+    await fut
+    await loop.create_task(asyncio.sleep(0))
+
+
+def test_a_closed_loop_that_made_futures_and_tasks_is_freed_without_the_collector(loop):
+    other = type(loop)()
+    other.run_until_complete(make_a_future_and_a_task())
+    other.close()
+    ref = weakref.ref(other)
+    gc.disable()
+    try:
+        del other
+        assert ref() is None, "a closed loop was kept alive by a reference cycle"
+    finally:
+        gc.enable()
+
+
+def test_an_unclosed_loop_that_made_futures_and_tasks_is_collected(loop):
+    other = type(loop)()
+    other.run_until_complete(make_a_future_and_a_task())
+    ref = weakref.ref(other)
+    with pytest.warns(ResourceWarning, match="unclosed event loop"):
+        del other
+        gc.collect()
+    assert ref() is None
