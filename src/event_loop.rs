@@ -851,11 +851,6 @@ impl LoopCore {
         self.thread_id.store(value.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// Debug mode flag.
-    fn get_debug(&self) -> bool {
-        self.is_debug()
-    }
-
     /// The task factory (`set_task_factory` sets it), or None.
     #[getter(_task_factory)]
     fn task_factory_get(&self, py: Python<'_>) -> Option<Py<PyAny>> {
@@ -1062,11 +1057,6 @@ impl LoopCore {
         Ok(())
     }
 
-    /// A Future attached to the loop.
-    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        Self::new_future(slf)
-    }
-
     /// Wraps `coro` in a Task. A task factory, extra keywords (for the factory) and
     /// debug mode go through the Python half's `_create_task_py`.
     ///
@@ -1248,10 +1238,12 @@ impl LoopCore {
     }
 }
 
-// -- call_soon, call_soon_threadsafe, call_later, call_at, create_task -------------------
+// -- call_soon, call_soon_threadsafe, call_later, call_at, create_task, get_debug,
+//    create_future -------------------------------------------------------------------
 //
 // The first four run once per callback (the C `Task` calls `call_soon(step, context=ctx)`
-// for every step), `create_task` once per task, so they are METH_FASTCALL|METH_KEYWORDS
+// for every step), `create_task` and `get_debug` once per task (the C `Future.__init__`
+// calls `get_debug`), `create_future` once per awaited read of a stream, so they are C
 // functions of their own instead of `#[pymethods]`: PyO3's generic argument extraction
 // would build a tuple for `*args` and walk a keyword table on every call. Their C entry
 // points are lighter than PyO3's trampoline (see [`fast_entry`]); they are installed on
@@ -1872,10 +1864,18 @@ unsafe fn fast_entry(
 ) -> *mut ffi::PyObject {
     // SAFETY: CPython calls C methods with the thread attached.
     let py = unsafe { Python::assume_attached() };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: forwarded unchanged from CPython (see the safety section).
-        unsafe { method(py, slf, args, nargs, kwnames) }
-    }));
+    // SAFETY: forwarded unchanged from CPython (see the safety section).
+    guarded(py, || unsafe { method(py, slf, args, nargs, kwnames) })
+}
+
+/// Runs a fast method's body: an error is raised (NULL returned), a panic becomes a
+/// `PanicException`.
+#[inline(always)]
+fn guarded(
+    py: Python<'_>,
+    body: impl FnOnce() -> PyResult<*mut ffi::PyObject>,
+) -> *mut ffi::PyObject {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
     let err = match result {
         Ok(Ok(obj)) => return obj,
         Ok(Err(err)) => err,
@@ -1918,8 +1918,42 @@ fast_entry_points!(
     create_task_fast_entry => create_task_fast,
 );
 
+/// `get_debug()`, a METH_NOARGS method: the C `Future.__init__` (so every Future and
+/// Task) calls it.
+///
+/// # Safety
+/// Called by CPython as a METH_NOARGS method of `LoopCore`, with the thread attached.
+unsafe extern "C" fn get_debug_entry(
+    slf: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls C methods with the thread attached.
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: the method's receiver, a live LoopCore (the descriptor checks its type).
+    let debug = unsafe { receiver(py, &slf) }.get().is_debug();
+    pyo3::types::PyBool::new(py, debug).to_owned().into_ptr()
+}
+
+/// `create_future()`, a METH_NOARGS method: once per awaited read of the stdlib's
+/// streams, per `asyncio.sleep`, per blocked `Queue` call.
+///
+/// # Safety
+/// Called by CPython as a METH_NOARGS method of `LoopCore`, with the thread attached.
+unsafe extern "C" fn create_future_entry(
+    slf: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls C methods with the thread attached.
+    let py = unsafe { Python::assume_attached() };
+    guarded(py, || {
+        // SAFETY: the method's receiver, a live LoopCore (the descriptor checks its type).
+        let slf = unsafe { receiver(py, &slf) };
+        LoopCore::new_future(slf).map(Bound::into_ptr)
+    })
+}
+
 /// The method table of the fast methods; CPython keeps pointers into it for good.
-struct FastMethods([ffi::PyMethodDef; 5]);
+struct FastMethods([ffi::PyMethodDef; 7]);
 
 // SAFETY: the table is never written after construction and holds only pointers to
 // static strings and functions, so sharing it between threads is sound.
@@ -1968,11 +2002,27 @@ static FAST_METHODS: FastMethods = FastMethods([
         ml_flags: FAST_FLAGS,
         ml_doc: c"create_task($self, coro, *, name=None, context=None, **kwargs)\n--\n\nWraps `coro` in a Task.".as_ptr(),
     },
+    ffi::PyMethodDef {
+        ml_name: c"get_debug".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunction: get_debug_entry,
+        },
+        ml_flags: ffi::METH_NOARGS,
+        ml_doc: c"get_debug($self, /)\n--\n\nWhether debug mode is on.".as_ptr(),
+    },
+    ffi::PyMethodDef {
+        ml_name: c"create_future".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunction: create_future_entry,
+        },
+        ml_flags: ffi::METH_NOARGS,
+        ml_doc: c"create_future($self, /)\n--\n\nA Future attached to the loop.".as_ptr(),
+    },
 ]);
 
-/// Adds `call_soon`, `call_soon_threadsafe`, `call_later`, `call_at` and `create_task` to
-/// `LoopCore` (see the section comment above), keeping PyO3's `create_task` for the cases
-/// the fast one hands over; called once when the module is initialised.
+/// Adds the fast methods (see the section comment above) to `LoopCore`, keeping PyO3's
+/// `create_task` for the cases the fast one hands over; called once when the module is
+/// initialised.
 pub fn install_fast_methods(py: Python<'_>) -> PyResult<()> {
     let class = py.get_type::<LoopCore>();
     // The general `create_task` stays reachable for the cases the fast one hands over.
