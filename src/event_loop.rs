@@ -1233,8 +1233,10 @@ impl LoopCore {
         drop(fileobjs);
         drop(ready);
         // Breaks the loop's cycle through its own keyword dict: a closed loop nothing
-        // else references is freed at once, as before the dict existed.
-        drop(lock(&self.loop_kwargs).take());
+        // else references is freed at once, as before the dict existed. Taken in a
+        // statement of its own, so the dict is released after the lock, like the rest.
+        let kwargs = lock(&self.loop_kwargs).take();
+        drop(kwargs);
     }
 }
 
