@@ -181,8 +181,12 @@ def test_one_read_hands_a_protocol_up_to_256_kib_as_the_stdlib_does(loop, tcp, f
 
 
 # Small, mid-sized and big, in an order that crosses every size the transport chooses
-# its next read's buffer by (the size of the read before): 4 KiB, 64 KiB, 120 KiB.
-MIXED_READ_SIZES = (1 * KiB, 5 * KiB, 10 * KiB, 70 * KiB, 8 * KiB, 1, 50 * KiB, 200 * KiB, 6 * KiB)
+# its next read's buffer by (the size of the read before): 4 KiB, 64 KiB, 120 KiB, and a
+# big read after a big one.
+MIXED_READ_SIZES = (
+    *(1 * KiB, 5 * KiB, 10 * KiB, 70 * KiB, 8 * KiB, 1, 50 * KiB),
+    *(200 * KiB, 100 * KiB, 6 * KiB),
+)
 
 
 @pytest.mark.parametrize("factory", [SizeRecorder, SizeRecordingStreamReaderProtocol])
@@ -249,6 +253,31 @@ def test_a_reset_after_a_mid_sized_read_is_a_connection_reset(loop, tcp):
     exc, events = run(loop, main())
     assert isinstance(exc, ConnectionResetError)
     assert lifecycle(events) == ["made", "data", "lost"]
+
+
+def test_a_reset_after_a_big_streams_read_reaches_the_reader_after_the_data(loop, tcp):
+    """A streams transport reads straight into a new block after a big read; when that
+    read fails with ECONNRESET the reader still hands out the data, then the reset."""
+
+    async def main():
+        async with Session(tcp) as net:
+            transport, protocol, peer = await net.connect_raw_peer(
+                SizeRecordingStreamReaderProtocol
+            )
+            transport.pause_reading()  # the whole message waits, to arrive in one read
+            await asyncio.get_running_loop().sock_sendall(peer, pattern(100 * KiB))
+            await asyncio.sleep(0.05)
+            transport.resume_reading()
+            data = await protocol.reader.readexactly(100 * KiB)
+            reset(peer)
+            net.socks.remove(peer)
+            with pytest.raises(ConnectionResetError):
+                await protocol.reader.read(-1)
+            return data, protocol.sizes
+
+    data, sizes = run(loop, main())
+    assert_bytes_equal(data, pattern(100 * KiB))
+    assert max(sizes) >= 64 * KiB
 
 
 STREAMS_ECHO_SERVER = """
