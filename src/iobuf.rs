@@ -383,23 +383,22 @@ const DIRECT_CAP: usize = 120 * 1024;
 /// - After a mid-sized read (4–64 KiB) the data goes straight into a new block of
 ///   [`DIRECT_CAP`] bytes shrunk in place, as `socket.recv` does: one copy fewer
 ///   (a 10 KiB streams echo: 64,266 → 54,366 user-space instructions per request).
-/// - Otherwise it comes through the loop's buffer: exact copies for small reads, where
-///   the copy is cheaper than a block; and for big reads, because blocks of 256 KiB read
-///   into directly were slower for 100 KiB protocol echoes (25.5 against 20.3 µs per
-///   request, in cache misses rather than faults or syscalls).
-/// - For the stdlib's streams a read of [`BIG_READ`] bytes or more is copied into a new
-///   `bytes` of [`MAX_READ`] bytes shrunk in place, the block `socket.recv(256 KiB)`
-///   leaves for the stdlib loop, and the read after it goes straight into such a block
-///   (a 100 KiB streams echo: 480,765 → 378,295 user-space instructions per request,
-///   rloop 377,115). `StreamReader.feed_data` extends a `bytearray` with each
-///   chunk and `read(n)` slices it off again, so each connection's buffer grows and
-///   shrinks by up to a message per round trip. Big chunks in exact-size `bytes` made
-///   glibc's heap trim its top and grow it again over and over with 100 connections of
-///   100 KiB echoes: up to 24 page faults and 0.5 `brk` calls per request. Shrinking a
-///   256 KiB block leaves its free tail right after the data, where the `bytearray` and
-///   the next read find room: 0.3 faults and 0.007 `brk` calls per request, as the
-///   stdlib loop (server CPU per request 61.5 → 45.9 µs). Direct reads into 120 KiB
-///   blocks brought the faults back (1.5 per request).
+/// - After a big read ([`BIG_READ`] or more) it goes straight into a new block of
+///   [`MAX_READ`] bytes shrunk in place, the block `socket.recv(256 KiB)` leaves for the
+///   stdlib loop (a 100 KiB streams echo: 480,765 → 378,295 user-space instructions per
+///   request, rloop 377,115; a 100 KiB protocol echo: 21.5 → 19.7 µs of server CPU).
+/// - Otherwise it comes through the loop's buffer, in an exact copy: for a small read
+///   the copy costs less than a block.
+/// - Except that for the stdlib's streams a big read that came through the loop's buffer
+///   is copied into a [`MAX_READ`] block shrunk in place too. `StreamReader.feed_data`
+///   extends a `bytearray` with each chunk and `read(n)` slices it off again, so each
+///   connection's buffer grows and shrinks by up to a message per round trip. Big
+///   chunks in exact-size `bytes` made glibc's heap trim its top and grow it again over
+///   and over with 100 connections of 100 KiB echoes: up to 24 page faults and 0.5 `brk`
+///   calls per request. Shrinking a 256 KiB block leaves its free tail right after the
+///   data, where the `bytearray` and the next read find room: 0.3 faults and 0.007 `brk`
+///   calls per request, as the stdlib loop (server CPU per request 61.5 → 45.9 µs).
+///   Direct reads into 120 KiB blocks brought the faults back (1.5 per request).
 ///
 /// Small reads never get a 256 KiB block: that is an `mmap`, `mremap` and `munmap` each
 /// time in a process whose glibc mmap threshold has not grown past it, which costs the
@@ -414,7 +413,8 @@ pub(crate) fn read_bytes_sized<'py>(
     if (DIRECT_MIN..BIG_READ).contains(&last) {
         return read_fresh_bytes(py, fd, socket, DIRECT_CAP);
     }
-    if streams && last >= BIG_READ {
+    if last >= BIG_READ {
+        settle_allocator();
         return read_fresh_bytes(py, fd, socket, MAX_READ);
     }
     READ.with(|r| {
@@ -426,11 +426,37 @@ pub(crate) fn read_bytes_sized<'py>(
         if !streams || n < BIG_READ {
             return Ok(Ok(bytes_from(py, &r.spare, &buf[..n])));
         }
+        settle_allocator();
         let block = NewBytes::new(py, MAX_READ)?;
         // SAFETY: the block has `MAX_READ` >= `n` writable bytes and is no one else's yet.
         unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), block.ptr(), n) };
         block.finish(py, n).map(Ok)
     })
+}
+
+/// Puts glibc's allocator where a long-running process's is, once, before the first
+/// 256 KiB read block.
+///
+/// glibc serves a `malloc` above its mmap threshold (128 KiB in a new process) with an
+/// `mmap` of its own, and raises the threshold only when such a block is freed whole. A
+/// read block is shrunk to its data before it is freed, so it never raises it: in a
+/// process that had not freed a big block yet, every big read was an `mmap`, a page
+/// fault per 4 KiB read, an `mremap` and a `munmap`. Server CPU per request in such a
+/// process: a 100 KiB protocol echo 100.3 µs, 18.6 once settled (the stdlib loop, whose
+/// `recv(256 KiB)` does the same, 101.6); a 100 KiB streams echo 153 → 33.3 (rloop 53.3).
+/// Freeing one 1 MiB block takes the thresholds to 1 MiB (mmap) and 2 MiB (heap
+/// trimming), where any process that has freed a big block has them and where the
+/// benchmarks put every loop. A threshold fixed by the user
+/// (`mallopt`, `MALLOC_MMAP_THRESHOLD_`) does not move.
+fn settle_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static SETTLED: std::sync::Once = std::sync::Once::new();
+        SETTLED.call_once(|| {
+            // SAFETY: a block allocated and freed at once, never read or written.
+            unsafe { libc::free(std::hint::black_box(libc::malloc(1 << 20))) }
+        });
+    }
 }
 
 /// One read straight into a new `bytes` of [`DIRECT_CAP`] bytes, shrunk to what came.

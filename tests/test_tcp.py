@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import errno
 import os
+import platform
 import resource
 import socket
 import stat
@@ -346,6 +347,72 @@ def test_streams_echo_of_100_kib_messages_does_not_make_the_heap_shrink_and_regr
         server.wait(timeout=10)
         server.stdout.close()
     assert faults / (conns * rounds) < 8
+
+
+ALLOCATOR_SETTLED_BY_A_BIG_READ = """
+import asyncio, ctypes, socket
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped_alone(size):
+    # glibc marks a block it serves with an mmap of its own in its size field (bit 2).
+    # Freeing such a block raises the threshold to its size: each size is tried once.
+    block = libc.malloc(size)
+    flags = ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value
+    libc.free(block)
+    return bool(flags & 2)
+
+async def big_reads():
+    loop = asyncio.get_running_loop()
+    ours, peer = socket.socketpair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    sizes = []
+
+    class Reader(asyncio.Protocol):
+        def data_received(self, data):
+            sizes.append(len(data))
+
+    transport, _ = await loop.connect_accepted_socket(Reader, ours)
+    for _ in range(2):  # the read after a big one is the one that takes a 256 KiB block
+        target = sum(sizes) + 100 * 1024
+        transport.pause_reading()  # the whole message waits, to come in one read
+        peer.sendall(bytes(100 * 1024))
+        transport.resume_reading()
+        while sum(sizes) < target:
+            await asyncio.sleep(0)
+    transport.close()
+    peer.close()
+    assert min(sizes) >= 64 * 1024, sizes
+
+print(mapped_alone(512 * 1024))
+new_loop().run_until_complete(big_reads())
+print(mapped_alone(768 * 1024))
+"""
+
+
+@pytest.mark.ferroloop_only("the stdlib's recv(256 KiB) maps a block per read in a new process")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's mmap threshold",
+)
+def test_the_first_big_read_settles_glibcs_mmap_threshold(loop_factory_code):
+    """A new process's glibc serves a 256 KiB read block with an mmap of its own (a page
+    fault per 4 KiB read into, and a munmap), and a block shrunk before it is freed never
+    raises that threshold. The loop's first big read settles it where a long-running
+    process has it: blocks under 1 MiB come from the heap from then on."""
+    done = subprocess.run(
+        [sys.executable, "-c", loop_factory_code + ALLOCATOR_SETTLED_BY_A_BIG_READ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.split()
+    if before != "True":
+        pytest.skip("this interpreter's start-up had already raised the threshold")
+    assert after == "False"
 
 
 def test_echo_over_ipv6_loopback(loop):
