@@ -43,6 +43,27 @@ def test_socket_transport_is_a_transport_subclass_instance(loop):
     assert issubclass(cls, asyncio.WriteTransport)
 
 
+def test_a_transport_method_without_parameters_refuses_any_argument(loop):
+    async def main():
+        transport, _, peer = await _socket_transport(loop)
+        try:
+            with pytest.raises(TypeError):
+                transport.is_closing(1)
+            with pytest.raises(TypeError):
+                transport.is_closing(closing=True)
+            with pytest.raises(TypeError):
+                transport.is_reading(None)
+            with pytest.raises(TypeError):
+                transport.get_write_buffer_size(0)
+            return transport.is_closing()
+        finally:
+            transport.close()
+            peer.close()
+            await asyncio.sleep(0)
+
+    assert loop.run_until_complete(main()) is False
+
+
 def _specialized_method_loads(func) -> set[str]:
     """The specialized forms of the method loads in ``func`` (``dis``'s adaptive view)."""
     import dis
