@@ -392,27 +392,44 @@ print(mapped_alone(768 * 1024))
 """
 
 
-@pytest.mark.ferroloop_only("the stdlib's recv(256 KiB) maps a block per read in a new process")
-@pytest.mark.skipif(
+GLIBC_ONLY = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="glibc's mmap threshold",
 )
-def test_the_first_big_read_settles_glibcs_mmap_threshold(loop_factory_code):
-    """A new process's glibc serves a 256 KiB read block with an mmap of its own (a page
-    fault per 4 KiB read into, and a munmap), and a block shrunk before it is freed never
-    raises that threshold. The loop's first big read settles it where a long-running
-    process has it: blocks under 1 MiB come from the heap from then on."""
+
+
+def mapped_alone_after_big_reads(loop_factory_code, **env) -> bool:
+    """Whether a new process's glibc, which mapped a 512 KiB block by itself before the
+    loop's big reads, still maps a 768 KiB one after them."""
     done = subprocess.run(
         [sys.executable, "-c", loop_factory_code + ALLOCATOR_SETTLED_BY_A_BIG_READ],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **env},
     )
     assert done.returncode == 0, done.stderr
     before, after = done.stdout.split()
     if before != "True":
         pytest.skip("this interpreter's start-up had already raised the threshold")
-    assert after == "False"
+    return after == "True"
+
+
+@pytest.mark.ferroloop_only("the stdlib's recv(256 KiB) maps a block per read in a new process")
+@GLIBC_ONLY
+def test_the_first_big_read_settles_glibcs_mmap_threshold(loop_factory_code):
+    """A new process's glibc serves a 256 KiB read block with an mmap of its own (a page
+    fault per 4 KiB read into, and a munmap), and a block shrunk before it is freed never
+    raises that threshold. The loop's first big read settles it where a long-running
+    process has it: blocks under 1 MiB come from the heap from then on."""
+    assert not mapped_alone_after_big_reads(loop_factory_code)
+
+
+@pytest.mark.ferroloop_only("the stdlib loop never touches the allocator's thresholds")
+@GLIBC_ONLY
+def test_an_mmap_threshold_the_user_fixed_stays_where_it_is(loop_factory_code):
+    fixed = {"MALLOC_MMAP_THRESHOLD_": str(256 * KiB)}
+    assert mapped_alone_after_big_reads(loop_factory_code, **fixed)
 
 
 def test_echo_over_ipv6_loopback(loop):
