@@ -22,6 +22,7 @@ server (or ``loadgen echo-server``), reads its RSS, has ``loadgen idle`` open N 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -61,6 +62,11 @@ SERVER_START_TIMEOUT = 30.0
 QUIET_CORES = 0.3
 QUIET_SAMPLE = 0.1
 QUIET_MAX_PER_CELL = 10.0
+# ... and while a fixed piece of work (SPEED_PROBE_N additions, best of 3) takes more than
+# SLOW_CPU times the fastest it took on that CPU so far in the run: the host's other guests
+# can slow a CPU down without that showing as busy or stolen time in /proc/stat.
+SPEED_PROBE_N = 100_000
+SLOW_CPU = 1.25
 # HTTP: how long wrk may overrun its -d (whole seconds: see wrk_seconds) before it is killed.
 WRK_TIMEOUT_EXTRA = 60.0
 # Memory: RSS is "settled" once its samples (every RSS_SAMPLE s) over RSS_STABLE_FOR s stay
@@ -213,6 +219,8 @@ class Quiet:
     budget: float  # seconds left
     waited: float = 0.0  # seconds waited so far
     waits: int = 0  # measurements that waited
+    slow_waits: int = 0  # ... of them, those that waited for a slowed CPU
+    fastest: dict[int | None, float] = field(default_factory=dict)  # best probe per CPU
 
 
 @dataclass
@@ -257,9 +265,46 @@ def machine_busy_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def probe_seconds(cpu: int | None) -> float:
+    """How long SPEED_PROBE_N additions take on `cpu` (best of 3), the driver pinned there."""
+    try:
+        before = os.sched_getaffinity(0)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+    except (AttributeError, OSError):
+        before = None
+    try:
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            total = 0
+            for i in range(SPEED_PROBE_N):
+                total += i
+            best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
+
+
+def slowed_cpus(quiet: Quiet) -> list[int | None]:
+    """The CPUs now slower than SLOW_CPU times their best so far (which this updates)."""
+    server_cpu, client_cpu = pick_cpus()
+    slow = []
+    for cpu in dict.fromkeys((server_cpu, client_cpu)):
+        took = probe_seconds(cpu)
+        fastest = quiet.fastest.get(cpu, math.inf)
+        if took > SLOW_CPU * fastest:
+            slow.append(cpu)
+        quiet.fastest[cpu] = min(fastest, took)
+    return slow
+
+
 def wait_quiet(quiet: Quiet) -> None:
-    """Wait (within the budget) until other processes leave the CPUs mostly idle."""
+    """Wait (within the budget) until other processes leave the CPUs mostly idle and the
+    CPUs run at their usual speed."""
     waited = 0.0
+    slowed = False
     while quiet.budget > 0 and waited < QUIET_MAX_PER_CELL:
         try:
             b0 = machine_busy_seconds()
@@ -268,14 +313,18 @@ def wait_quiet(quiet: Quiet) -> None:
         except (OSError, ValueError):
             return
         if busy < QUIET_CORES:
-            break
+            if not slowed_cpus(quiet):
+                break
+            slowed = True
         time.sleep(0.5)
         waited += 0.5 + QUIET_SAMPLE
         quiet.budget -= 0.5 + QUIET_SAMPLE
     if waited:
         quiet.waited += waited
         quiet.waits += 1
-        print(f"  (waited {waited:.1f} s for other processes to leave the CPUs)", flush=True)
+        quiet.slow_waits += slowed
+        why = "a slowed CPU" if slowed else "other processes to leave the CPUs"
+        print(f"  (waited {waited:.1f} s for {why})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -728,7 +728,10 @@ QUIET_NOTE = (
     f"Before each measurement the driver samples the machine's busy CPU for "
     f"{network.QUIET_SAMPLE:g} s and, while other processes keep more than "
     f"{network.QUIET_CORES:g} of a core busy, waits (at most {network.QUIET_MAX_PER_CELL:g} s "
-    "per measurement and the run's budget in all; see Run above)."
+    "per measurement and the run's budget in all; see Run above). It also waits while a fixed "
+    f"piece of work ({network.SPEED_PROBE_N:,} additions in Python, best of 3, on each "
+    f"benchmark CPU) takes more than {network.SLOW_CPU:g}× the shortest it took in the run: "
+    "the host's other guests can slow a CPU without it showing as busy or stolen time."
 )
 
 
@@ -781,7 +784,8 @@ def results_md(
         )
     run_lines.append(
         f"- waited {quiet.waited:.0f} s in all (before {quiet.waits} measurement(s), budget "
-        f"{args.quiet_budget:g} s) for other processes to leave the CPUs idle"
+        f"{args.quiet_budget:g} s) for other processes to leave the CPUs idle, "
+        f"{quiet.slow_waits} of those for a slowed CPU"
     )
     alloc_note = (
         f"- Allocator warm-up: before anything else, every measuring subprocess (in-process "
