@@ -400,9 +400,10 @@ const DIRECT_CAP: usize = 120 * 1024;
 ///   calls per request, as the stdlib loop (server CPU per request 61.5 → 45.9 µs).
 ///   Direct reads into 120 KiB blocks brought the faults back (1.5 per request).
 ///
-/// Small reads never get a 256 KiB block: that is an `mmap`, `mremap` and `munmap` each
-/// time in a process whose glibc mmap threshold has not grown past it, which costs the
-/// stdlib loop 2 page faults per 1 KiB echo and triples its CPU per request there.
+/// A read after a small one never gets a 256 KiB block: in a process whose glibc mmap
+/// threshold has not grown past it (see [`big_block`]) that is an `mmap`, `mremap` and
+/// `munmap` each time, which costs the stdlib loop 2 page faults per 1 KiB echo and
+/// triples its CPU per request there.
 pub(crate) fn read_bytes_sized<'py>(
     py: Python<'py>,
     fd: RawFd,
@@ -411,11 +412,10 @@ pub(crate) fn read_bytes_sized<'py>(
     streams: bool,
 ) -> PyResult<io::Result<Bound<'py, PyBytes>>> {
     if (DIRECT_MIN..BIG_READ).contains(&last) {
-        return read_fresh_bytes(py, fd, socket, DIRECT_CAP);
+        return read_fresh_bytes(py, fd, socket, NewBytes::new(py, DIRECT_CAP)?);
     }
     if last >= BIG_READ {
-        settle_allocator();
-        return read_fresh_bytes(py, fd, socket, MAX_READ);
+        return read_fresh_bytes(py, fd, socket, big_block(py)?);
     }
     READ.with(|r| {
         let buf = &mut *r.buf.borrow_mut();
@@ -426,16 +426,15 @@ pub(crate) fn read_bytes_sized<'py>(
         if !streams || n < BIG_READ {
             return Ok(Ok(bytes_from(py, &r.spare, &buf[..n])));
         }
-        settle_allocator();
-        let block = NewBytes::new(py, MAX_READ)?;
+        let block = big_block(py)?;
         // SAFETY: the block has `MAX_READ` >= `n` writable bytes and is no one else's yet.
         unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), block.ptr(), n) };
         block.finish(py, n).map(Ok)
     })
 }
 
-/// Puts glibc's allocator where a long-running process's is, once, before the first
-/// 256 KiB read block.
+/// A new `bytes` of [`MAX_READ`] bytes, with glibc's allocator put where a long-running
+/// process's is, once, before the first.
 ///
 /// glibc serves a `malloc` above its mmap threshold (128 KiB in a new process) with an
 /// `mmap` of its own, and raises the threshold only when such a block is freed whole. A
@@ -446,9 +445,9 @@ pub(crate) fn read_bytes_sized<'py>(
 /// `recv(256 KiB)` does the same, 101.6); a 100 KiB streams echo 153 → 33.3 (rloop 53.3).
 /// Freeing one 1 MiB block takes the thresholds to 1 MiB (mmap) and 2 MiB (heap
 /// trimming), where any process that has freed a big block has them and where the
-/// benchmarks put every loop. A threshold fixed by the user
-/// (`mallopt`, `MALLOC_MMAP_THRESHOLD_`) does not move.
-fn settle_allocator() {
+/// benchmarks put every loop. A threshold fixed by the user (`mallopt`,
+/// `MALLOC_MMAP_THRESHOLD_`) does not move.
+fn big_block(py: Python<'_>) -> PyResult<NewBytes> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static SETTLED: std::sync::Once = std::sync::Once::new();
@@ -457,17 +456,17 @@ fn settle_allocator() {
             unsafe { libc::free(std::hint::black_box(libc::malloc(1 << 20))) }
         });
     }
+    NewBytes::new(py, MAX_READ)
 }
 
-/// One read straight into a new `bytes` of [`DIRECT_CAP`] bytes, shrunk to what came.
+/// One read straight into `block`, shrunk to what came.
 fn read_fresh_bytes<'py>(
     py: Python<'py>,
     fd: RawFd,
     socket: bool,
-    cap: usize,
+    block: NewBytes,
 ) -> PyResult<io::Result<Bound<'py, PyBytes>>> {
-    let block = NewBytes::new(py, cap)?;
-    match read_into(fd, block.ptr(), cap, socket) {
+    match read_into(fd, block.ptr(), block.capacity(), socket) {
         Ok(n) => block.finish(py, n).map(Ok),
         Err(e) => Ok(Err(e)),
     }
