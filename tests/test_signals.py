@@ -141,6 +141,9 @@ def spawn(loop_factory_code):
             [sys.executable, "-c", code],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # A shell's background job inherits SIGINT ignored, and Python then installs
+            # no KeyboardInterrupt handler: give the child Ctrl-C's usual disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         procs.append(proc)
         return proc
