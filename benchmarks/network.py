@@ -21,6 +21,7 @@ server (or ``loadgen echo-server``), reads its RSS, has ``loadgen idle`` open N 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -67,6 +68,11 @@ QUIET_MAX_PER_CELL = 10.0
 # can slow a CPU down without that showing as busy or stolen time in /proc/stat.
 SPEED_PROBE_N = 100_000
 SLOW_CPU = 1.25
+# A measurement after which the same probe finds a CPU slowed is measured again, at most
+# REDO_SLOWED times, the discarded measurement's time taken from the --quiet-budget; one
+# kept while still slowed is marked (SLOWED_MARK on its cell).
+REDO_SLOWED = 2
+SLOWED_MARK = "¶"
 # HTTP: how long wrk may overrun its -d (whole seconds: see wrk_seconds) before it is killed.
 WRK_TIMEOUT_EXTRA = 60.0
 # Memory: RSS is "settled" once its samples (every RSS_SAMPLE s) over RSS_STABLE_FOR s stay
@@ -220,6 +226,8 @@ class Quiet:
     waited: float = 0.0  # seconds waited so far
     waits: int = 0  # measurements that waited
     slow_waits: int = 0  # ... of them, those that waited for a slowed CPU
+    redone: int = 0  # measurements discarded and made again: a CPU was slowed by their end
+    kept_slowed: int = 0  # measurements kept although a CPU was slowed by their end
     fastest: dict[int | None, float] = field(default_factory=dict)  # best probe per CPU
 
 
@@ -325,6 +333,28 @@ def wait_quiet(quiet: Quiet) -> None:
         quiet.slow_waits += slowed
         why = "a slowed CPU" if slowed else "other processes to leave the CPUs"
         print(f"  (waited {waited:.1f} s for {why})", flush=True)
+
+
+def measure_unslowed(run: Callable[[], dict[str, Any]], quiet: Quiet) -> dict[str, Any]:
+    """`run()` on a quiet machine (see `wait_quiet`), made again while the speed probe after
+    it finds a CPU slowed: a slowdown that began during the measurement is seen only then.
+    A measurement kept while still slowed (REDO_SLOWED reached, or no budget left) comes back
+    with `slowed` set."""
+    for attempt in range(REDO_SLOWED + 1):
+        wait_quiet(quiet)
+        t0 = time.perf_counter()
+        out = run()
+        took = time.perf_counter() - t0
+        if "error" in out or not slowed_cpus(quiet):
+            return out
+        if attempt == REDO_SLOWED or quiet.budget <= 0:
+            out["slowed"] = True
+            quiet.kept_slowed += 1
+            return out
+        quiet.budget -= took
+        quiet.redone += 1
+        print("  (a CPU was slowed by the end of the measurement: measuring again)", flush=True)
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,10 +923,11 @@ def _run_all(
                 key = keys[loop]
                 if key in errors:  # failed once: don't retry
                     continue
-                if not isinstance(w, MemWorkload):  # memory does not depend on a quiet machine
-                    wait_quiet(opts.quiet)
                 t0 = time.perf_counter()
-                out = measure(w, loop, opts)
+                if isinstance(w, MemWorkload):  # memory does not depend on a quiet machine
+                    out = measure(w, loop, opts)
+                else:
+                    out = measure_unslowed(functools.partial(measure, w, loop, opts), opts.quiet)
                 took = time.perf_counter() - t0
                 label = CEILING if loop == CEILING else loop
                 if "error" in out:
@@ -964,6 +995,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
         "client_frac_max": max(s["client_cpu_frac"] for s in samples),
         "other_frac_median": statistics.median(other_frac(s) for s in samples),
         "other_frac_max": max(other_frac(s) for s in samples),
+        "slowed": sum(bool(s.get("slowed")) for s in samples),
         "n": len(samples),
     }
 
@@ -995,7 +1027,12 @@ def _flag(s: dict[str, float]) -> str:
 
 
 def _other_flag(s: dict[str, float]) -> str:
-    return " §" if s["other_frac_median"] > OTHER_LOAD else ""
+    return (" §" if s["other_frac_median"] > OTHER_LOAD else "") + slowed_flag(s)
+
+
+def slowed_flag(s: dict[str, float]) -> str:
+    """SLOWED_MARK on a cell that kept a repetition measured on a slowed CPU."""
+    return f" {SLOWED_MARK}" if s.get("slowed") else ""
 
 
 HTTP_NOTE = (

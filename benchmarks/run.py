@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fnmatch
+import functools
 import json
 import os
 import platform
@@ -275,6 +276,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
         "cpu_max": max(cpus),
         "other_median": statistics.median(others),
         "other_max": max(others),
+        "slowed": sum(bool(s.get("slowed")) for s in samples),
         "n": len(samples),
     }
 
@@ -313,7 +315,7 @@ def workload_table(
 
 
 def other_flag(s: dict[str, float]) -> str:
-    return " §" if s["other_median"] > network.OTHER_LOAD else ""
+    return (" §" if s["other_median"] > network.OTHER_LOAD else "") + network.slowed_flag(s)
 
 
 def ratio_table(
@@ -581,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                 if key in errors:  # failed once: don't retry
                     continue
                 cmd = ["measure", w, loop, str(args.scale), *path_args(loop, args)]
-                network.wait_quiet(quiet)
-                out = run_measure(cmd, args.timeout)
+                once = functools.partial(run_measure, cmd, args.timeout)
+                out = network.measure_unslowed(once, quiet)
                 if "error" in out:
                     errors[key] = out["error"]
                     print(f"  {w:16} rep {rep + 1}  {loop:9}  error: {out['error']}", flush=True)
@@ -718,7 +720,8 @@ NET_TABLE_NOTE = (
     "CPU: share of one core over the window. Other load: CPU time used by every other process "
     "on the machine during the window (`/proc/stat` busy time minus the server's and the "
     "client's), as a share of one core; **§** marks a median above 25 %: those cells shared "
-    "their cores and are less reliable. **‡**: the load generator used more than 90 % of its "
+    "their cores and are less reliable; **¶**: a repetition kept was measured while a CPU was "
+    "slowed (see below). **‡**: the load generator used more than 90 % of its "
     "core, so that cell's req/s is capped by the client. Ratios are ferroloop's against the "
     "peer in the same kind: > 1 means ferroloop is better (more req/s, less CPU per request)."
 )
@@ -731,7 +734,10 @@ QUIET_NOTE = (
     "per measurement and the run's budget in all; see Run above). It also waits while a fixed "
     f"piece of work ({network.SPEED_PROBE_N:,} additions in Python, best of 3, on each "
     f"benchmark CPU) takes more than {network.SLOW_CPU:g}× the shortest it took in the run: "
-    "the host's other guests can slow a CPU without it showing as busy or stolen time."
+    "the host's other guests can slow a CPU without it showing as busy or stolen time. A "
+    "measurement after which that probe finds a CPU slowed is discarded and made again (at "
+    f"most {network.REDO_SLOWED} times, within the same budget); **{network.SLOWED_MARK}** "
+    "marks a cell that kept one measured while a CPU was still slowed."
 )
 
 
@@ -785,7 +791,9 @@ def results_md(
     run_lines.append(
         f"- waited {quiet.waited:.0f} s in all (before {quiet.waits} measurement(s), budget "
         f"{args.quiet_budget:g} s) for other processes to leave the CPUs idle, "
-        f"{quiet.slow_waits} of those for a slowed CPU"
+        f"{quiet.slow_waits} of those for a slowed CPU; made {quiet.redone} measurement(s) "
+        f"again (within the same budget) because a CPU was slowed by their end, and "
+        f"kept {quiet.kept_slowed} measured on a slowed CPU ({network.SLOWED_MARK})"
     )
     alloc_note = (
         f"- Allocator warm-up: before anything else, every measuring subprocess (in-process "
@@ -855,7 +863,8 @@ def results_md(
             "process, all threads).",
             f"- {QUIET_NOTE} Other load in the tables: CPU time every other process used while "
             "the worker ran (`/proc/stat` busy time, steal included, minus the worker's), as a "
-            "share of one core; **§** marks a median above 25 %.",
+            "share of one core; **§** marks a median above 25 %, **¶** a repetition kept while a "
+            "CPU was slowed.",
             f"- Fixed parameters: random seed {SEED}, queue maxsize {QUEUE_MAXSIZE}.",
         ]
     if net is not None:
