@@ -228,6 +228,7 @@ class Quiet:
     slow_waits: int = 0  # ... of them, those that waited for a slowed CPU
     redone: int = 0  # measurements discarded and made again: a CPU was slowed by their end
     kept_slowed: int = 0  # measurements kept although a CPU was slowed by their end
+    kept: int = 0  # measurements kept in all (those that did not fail)
     fastest: dict[int | None, float] = field(default_factory=dict)  # best probe per CPU
 
 
@@ -345,10 +346,14 @@ def measure_unslowed(run: Callable[[], dict[str, Any]], quiet: Quiet) -> dict[st
         t0 = time.perf_counter()
         out = run()
         took = time.perf_counter() - t0
-        if "error" in out or not slowed_cpus(quiet):
+        if "error" in out:
+            return out
+        if not slowed_cpus(quiet):
+            quiet.kept += 1
             return out
         if attempt == REDO_SLOWED or quiet.budget <= 0:
             out["slowed"] = True
+            quiet.kept += 1
             quiet.kept_slowed += 1
             return out
         quiet.budget -= took

@@ -793,7 +793,8 @@ def results_md(
         f"{args.quiet_budget:g} s) for other processes to leave the CPUs idle, "
         f"{quiet.slow_waits} of those for a slowed CPU; made {quiet.redone} measurement(s) "
         f"again (within the same budget) because a CPU was slowed by their end, and "
-        f"kept {quiet.kept_slowed} measured on a slowed CPU ({network.SLOWED_MARK})"
+        f"kept {quiet.kept_slowed} of {quiet.kept} measured on a slowed CPU "
+        f"({network.SLOWED_MARK})"
     )
     alloc_note = (
         f"- Allocator warm-up: before anything else, every measuring subprocess (in-process "

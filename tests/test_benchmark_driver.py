@@ -40,7 +40,7 @@ def test_a_measurement_a_cpu_was_slowed_by_the_end_of_is_made_again(probes):
     out = network.measure_unslowed(run, quiet)
     assert len(made) == 2
     assert out == {"rps": 2.0}
-    assert (quiet.redone, quiet.kept_slowed) == (1, 0)
+    assert (quiet.redone, quiet.kept_slowed, quiet.kept) == (1, 0, 1)
     assert quiet.budget < 60.0
 
 
@@ -51,7 +51,7 @@ def test_a_measurement_still_slowed_after_the_last_redo_is_kept_and_marked(probe
     out = network.measure_unslowed(run, quiet)
     assert len(made) == network.REDO_SLOWED + 1
     assert out["slowed"] is True
-    assert (quiet.redone, quiet.kept_slowed) == (network.REDO_SLOWED, 1)
+    assert (quiet.redone, quiet.kept_slowed, quiet.kept) == (network.REDO_SLOWED, 1, 1)
 
 
 def test_with_no_budget_left_a_slowed_measurement_is_kept_and_marked(probes):
@@ -61,7 +61,7 @@ def test_with_no_budget_left_a_slowed_measurement_is_kept_and_marked(probes):
     out = network.measure_unslowed(run, quiet)
     assert len(made) == 1
     assert out["slowed"] is True
-    assert (quiet.redone, quiet.kept_slowed) == (0, 1)
+    assert (quiet.redone, quiet.kept_slowed, quiet.kept) == (0, 1, 1)
 
 
 def test_a_failed_measurement_is_not_made_again(probes):
@@ -70,6 +70,7 @@ def test_a_failed_measurement_is_not_made_again(probes):
     assert network.measure_unslowed(run, quiet) == {"error": "server: boom"}
     assert len(made) == 1
     assert probes == []
+    assert quiet.kept == 0
 
 
 def test_only_a_cell_that_kept_a_slowed_measurement_carries_the_mark():
