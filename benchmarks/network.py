@@ -872,6 +872,15 @@ def plan(workloads: Sequence[str], loops: Sequence[str]) -> list[tuple[str, list
     return out
 
 
+def waiting_measurements(workloads: Sequence[str], loops: Sequence[str], reps: int) -> int:
+    """How many measurements of these workloads wait for a quiet machine (memory ones do not)."""
+    return reps * sum(
+        len(parts)
+        for name, parts in plan(workloads, loops)
+        if not isinstance(NET_WORKLOADS[name], MemWorkload)
+    )
+
+
 def run_all(
     workloads: Sequence[str],
     loops: Sequence[str],

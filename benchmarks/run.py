@@ -569,6 +569,14 @@ def main(argv: list[str] | None = None) -> int:
             f"server on CPU {server_cpu}, load generator on CPU {client_cpu}"
         )
 
+    # The network half's share of the quiet budget, in proportion to its measurements, is
+    # kept from the in-process half: on a host that is slowed most of the time the first
+    # half would otherwise spend it all.
+    n_inproc = len(args.workloads) * args.reps * len(args.loops)
+    n_net = network.waiting_measurements(args.net_workloads, args.loops, args.net_reps)
+    net_share = args.quiet_budget * n_net / max(n_inproc + n_net, 1)
+    quiet.budget -= net_share
+
     # in-process workloads
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
     errors: dict[tuple[str, str], str] = {}
@@ -602,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in list(samples):
         if k in errors:  # a loop that failed any repetition gets an error cell, not partial stats
             errors[k] += f" (after {len(samples[k])} good repetition(s))"
+
+    quiet.budget += net_share
 
     # network workloads
     net_stats: dict[tuple[str, str], dict[str, float]] = {}
@@ -731,7 +741,8 @@ QUIET_NOTE = (
     f"Before each measurement the driver samples the machine's busy CPU for "
     f"{network.QUIET_SAMPLE:g} s and, while other processes keep more than "
     f"{network.QUIET_CORES:g} of a core busy, waits (at most {network.QUIET_MAX_PER_CELL:g} s "
-    "per measurement and the run's budget in all; see Run above). It also waits while a fixed "
+    "per measurement and the run's budget in all, of which the in-process half may use its "
+    "share by number of measurements; see Run above). It also waits while a fixed "
     f"piece of work ({network.SPEED_PROBE_N:,} additions in Python, best of 3, on each "
     f"benchmark CPU) takes more than {network.SLOW_CPU:g}× the shortest it took in the run: "
     "the host's other guests can slow a CPU without it showing as busy or stolen time. A "

@@ -89,3 +89,10 @@ def test_only_a_cell_that_kept_a_slowed_measurement_carries_the_mark():
     marked = network.summarize([sample, {**sample, "slowed": True}])
     assert network.SLOWED_MARK not in network._other_flag(clean)
     assert network.SLOWED_MARK in network._other_flag(marked)
+
+
+def test_the_measurements_that_wait_count_each_ceiling_once_and_no_memory_workload():
+    workloads = ["echo_protocol_tcp_1k_c10", "echo_streams_tcp_1k_c10", "mem_idle_tcp_c10000"]
+    loops = ["asyncio", "ferroloop"]
+    # protocol: both loops and the configuration's ceiling; streams: both loops.
+    assert network.waiting_measurements(workloads, loops, reps=5) == 5 * (3 + 2)
