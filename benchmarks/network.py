@@ -348,17 +348,17 @@ def measure_unslowed(run: Callable[[], dict[str, Any]], quiet: Quiet) -> dict[st
         took = time.perf_counter() - t0
         if "error" in out:
             return out
-        if not slowed_cpus(quiet):
-            quiet.kept += 1
-            return out
-        if attempt == REDO_SLOWED or quiet.budget <= 0:
+        slowed = bool(slowed_cpus(quiet))
+        if slowed and attempt < REDO_SLOWED and quiet.budget > 0:
+            quiet.budget -= took
+            quiet.redone += 1
+            print("  (a CPU was slowed by the end of the measurement: measuring again)", flush=True)
+            continue
+        quiet.kept += 1
+        if slowed:
             out["slowed"] = True
-            quiet.kept += 1
             quiet.kept_slowed += 1
-            return out
-        quiet.budget -= took
-        quiet.redone += 1
-        print("  (a CPU was slowed by the end of the measurement: measuring again)", flush=True)
+        return out
     raise AssertionError("unreachable")
 
 
