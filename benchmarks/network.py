@@ -68,6 +68,9 @@ QUIET_MAX_PER_CELL = 10.0
 # can slow a CPU down without that showing as busy or stolen time in /proc/stat.
 SPEED_PROBE_N = 100_000
 SLOW_CPU = 1.25
+# A probe that found no CPU slowed stands for PROBE_FRESH s: the check after one
+# measurement is then also the check before the next.
+PROBE_FRESH = 0.5
 # A measurement after which the same probe finds a CPU slowed is measured again, at most
 # REDO_SLOWED times, the discarded measurement's time taken from the --quiet-budget; one
 # kept while still slowed is marked (SLOWED_MARK on its cell).
@@ -230,6 +233,7 @@ class Quiet:
     kept_slowed: int = 0  # measurements kept although a CPU was slowed by their end
     kept: int = 0  # measurements kept in all (those that did not fail)
     fastest: dict[int | None, float] = field(default_factory=dict)  # best probe per CPU
+    unslowed_at: float = -math.inf  # perf_counter() of the last probe that found none slowed
 
 
 @dataclass
@@ -297,7 +301,10 @@ def probe_seconds(cpu: int | None) -> float:
 
 
 def slowed_cpus(quiet: Quiet) -> list[int | None]:
-    """The CPUs now slower than SLOW_CPU times their best so far (which this updates)."""
+    """The CPUs now slower than SLOW_CPU times their best so far (which this updates); none,
+    without probing again, within PROBE_FRESH s of a probe that found none."""
+    if time.perf_counter() - quiet.unslowed_at < PROBE_FRESH:
+        return []
     server_cpu, client_cpu = pick_cpus()
     slow = []
     for cpu in dict.fromkeys((server_cpu, client_cpu)):
@@ -306,6 +313,8 @@ def slowed_cpus(quiet: Quiet) -> list[int | None]:
         if took > SLOW_CPU * fastest:
             slow.append(cpu)
         quiet.fastest[cpu] = min(fastest, took)
+    if not slow:
+        quiet.unslowed_at = time.perf_counter()
     return slow
 
 

@@ -96,3 +96,16 @@ def test_the_measurements_that_wait_count_each_ceiling_once_and_no_memory_worklo
     loops = ["asyncio", "ferroloop"]
     # protocol: both loops and the configuration's ceiling; streams: both loops.
     assert network.waiting_measurements(workloads, loops, reps=5) == 5 * (3 + 2)
+
+
+def test_a_probe_that_found_no_cpu_slowed_stands_for_the_next_check(monkeypatch):
+    took = [0.002, 0.002, 0.004, 0.004]  # per probe: CPU 0, then CPU 1
+    monkeypatch.setattr(network, "probe_seconds", lambda cpu: took.pop(0))
+    monkeypatch.setattr(network, "pick_cpus", lambda: (0, 1))
+    quiet = network.Quiet(budget=60.0)
+    assert network.slowed_cpus(quiet) == []
+    assert network.slowed_cpus(quiet) == []  # straight after: not probed again
+    assert len(took) == 2
+    quiet.unslowed_at -= network.PROBE_FRESH  # once it is stale, the CPUs are probed again
+    assert network.slowed_cpus(quiet) == [0, 1]
+    assert took == []
