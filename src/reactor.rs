@@ -2,9 +2,9 @@
 //!
 //! Why not mio: `add_reader`/`add_writer` promise *level-triggered* callbacks (a reader
 //! that leaves data in the socket is called again next iteration, as with the stdlib's
-//! selectors), and mio only offers edge-triggered registration. Owning the epoll set also
-//! lets the poll wait with nanosecond timeouts (`epoll_pwait2`, Linux 5.11+), so timers
-//! are not rounded up to the next millisecond; older kernels fall back to `epoll_wait`.
+//! selectors), and mio only offers edge-triggered registration. Timeouts are rounded up
+//! to the millisecond, as the stdlib's selectors round them: a timer fires up to 1 ms
+//! late, never early, and a dense run of timers costs a wake-up per millisecond at most.
 //!
 //! Two kinds of registration share the set:
 //! - *waiters* per direction: a callback [`Handle`] (`add_reader`/`add_writer`), queued
@@ -214,7 +214,6 @@ pub struct Reactor {
     /// [`Reactor::recycle_jobs`]: a fresh one cost an allocation and a regrowth per
     /// iteration.
     jobs: Mutex<Vec<Job>>,
-    use_pwait2: AtomicBool,
     /// Set once an internal fd (the signal socket) joins the set.
     has_internal: AtomicBool,
     /// Nothing but the wake-up eventfd is in the set (no fd in `fds`, no internal fd):
@@ -270,7 +269,6 @@ impl Reactor {
             owners: Mutex::new(FdMap::default()),
             events: Mutex::new(Vec::with_capacity(MAX_EVENTS)),
             jobs: Mutex::new(Vec::new()),
-            use_pwait2: AtomicBool::new(true),
             has_internal: AtomicBool::new(false),
             idle: AtomicBool::new(true),
         };
@@ -585,20 +583,7 @@ impl Reactor {
         }
         let mut events = std::mem::take(&mut *lock(&self.events));
         events.clear();
-        let use_pwait2 = self.use_pwait2.load(Ordering::Relaxed);
-        let (n, pwait2_missing) = py.detach(|| {
-            let n = wait(self.epfd.as_raw_fd(), &mut events, timeout, use_pwait2);
-            match n {
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => (
-                    wait(self.epfd.as_raw_fd(), &mut events, timeout, false),
-                    true,
-                ),
-                n => (n, false),
-            }
-        });
-        if pwait2_missing {
-            self.use_pwait2.store(false, Ordering::Relaxed);
-        }
+        let n = py.detach(|| wait(self.epfd.as_raw_fd(), &mut events, timeout));
         let mut out = Readiness {
             jobs: std::mem::take(&mut *lock(&self.jobs)),
             ..Readiness::default()
@@ -694,53 +679,58 @@ impl Reactor {
     }
 }
 
-/// One `epoll_pwait2`/`epoll_wait` call into `events`' spare capacity.
+/// `epoll_wait`'s timeout for a wait of `timeout` seconds (`None`: forever, -1), rounded
+/// up to the millisecond as the stdlib's selectors round it: waking a little late is
+/// fine, waking early is not, and a dense run of timers then fires in batches, a wake-up
+/// per millisecond at most instead of one per timer.
+fn timeout_ms(timeout: Option<f64>) -> libc::c_int {
+    timeout.map_or(-1, |t| {
+        (t.max(0.0) * 1e3).ceil().min(libc::c_int::MAX as f64) as libc::c_int
+    })
+}
+
+/// One `epoll_wait` call into `events`' spare capacity.
 fn wait(
     epfd: RawFd,
     events: &mut Vec<libc::epoll_event>,
     timeout: Option<f64>,
-    use_pwait2: bool,
 ) -> io::Result<usize> {
     events.clear();
     let cap = events.capacity().clamp(1, MAX_EVENTS);
-    let n = if use_pwait2 {
-        let ts = timeout.map(|t| {
-            let ns = (t.max(0.0) * 1e9).ceil() as u64;
-            libc::timespec {
-                tv_sec: (ns / 1_000_000_000) as libc::time_t,
-                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-            }
-        });
-        let tsp = ts
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-        // SAFETY: `events` has room for `cap` entries; `tsp` is null or points to a live
-        // timespec; a null sigmask leaves the signal mask alone.
-        unsafe {
-            libc::syscall(
-                libc::SYS_epoll_pwait2,
-                epfd,
-                events.as_mut_ptr(),
-                cap as libc::c_int,
-                tsp,
-                std::ptr::null::<libc::sigset_t>(),
-                0usize,
-            )
-        }
-    } else {
-        // Round up: waking a little late is fine, waking early is not.
-        let ms = timeout.map_or(-1, |t| {
-            (t.max(0.0) * 1e3).ceil().min(i32::MAX as f64) as i32
-        });
-        // SAFETY: `events` has room for `cap` entries.
-        unsafe {
-            libc::epoll_wait(epfd, events.as_mut_ptr(), cap as libc::c_int, ms) as libc::c_long
-        }
-    };
+    let ms = timeout_ms(timeout);
+    // SAFETY: `events` has room for `cap` entries.
+    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), cap as libc::c_int, ms) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel initialised the first `n` (≤ cap) entries.
     unsafe { events.set_len(n as usize) };
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timeout_ms;
+
+    #[test]
+    fn a_wait_is_rounded_up_to_the_millisecond_never_down() {
+        assert_eq!(timeout_ms(Some(1e-9)), 1);
+        assert_eq!(timeout_ms(Some(0.000_999)), 1);
+        assert_eq!(timeout_ms(Some(0.001)), 1);
+        assert_eq!(timeout_ms(Some(0.001_000_1)), 2);
+        assert_eq!(timeout_ms(Some(2.5)), 2500);
+    }
+
+    #[test]
+    fn no_wait_stays_zero_and_no_timeout_waits_forever() {
+        assert_eq!(timeout_ms(Some(0.0)), 0);
+        assert_eq!(timeout_ms(Some(-3.0)), 0);
+        assert_eq!(timeout_ms(None), -1);
+    }
+
+    #[test]
+    fn a_huge_wait_is_clamped_to_the_largest_timeout() {
+        assert_eq!(timeout_ms(Some(1e12)), libc::c_int::MAX);
+        assert_eq!(timeout_ms(Some(f64::INFINITY)), libc::c_int::MAX);
+    }
 }
