@@ -4,7 +4,8 @@
 //! One iteration:
 //! 1. drop cancelled timers at the top of the heap (or compact it, see `timers`);
 //! 2. wait for I/O with the interpreter detached — not at all when callbacks are ready
-//!    or the loop is stopping, until the earliest timer otherwise;
+//!    or the loop is stopping, until the earliest timer otherwise (rounded up to the
+//!    millisecond, see `reactor`);
 //! 3. queue the reader/writer/signal callbacks that fired, then every timer due by
 //!    `now + clock resolution`;
 //! 4. run exactly the callbacks queued so far; ones they schedule wait for the next
