@@ -582,7 +582,6 @@ impl Reactor {
             return Ok(Readiness::default());
         }
         let mut events = std::mem::take(&mut *lock(&self.events));
-        events.clear();
         let n = py.detach(|| wait(self.epfd.as_raw_fd(), &mut events, timeout));
         let mut out = Readiness {
             jobs: std::mem::take(&mut *lock(&self.jobs)),
