@@ -1248,13 +1248,16 @@ def test_capacity_limiter_tokens_and_total_tokens_change(loop):
         limiter = anyio.CapacityLimiter(2)
         inside = 0
         peak = []
+        # Holders wait on the gate, not on a timer: wait_all_tasks_blocked() sleeps
+        # 0.1 s whenever a task is runnable, and a timed hold could end in that sleep.
+        gate = anyio.Event()
 
         async def worker(i: int):
             nonlocal inside
             async with limiter:
                 inside += 1
                 peak.append(inside)
-                await anyio.sleep(0.02)
+                await gate.wait()
                 inside -= 1
 
         async with anyio.create_task_group() as tg:
@@ -1266,6 +1269,7 @@ def test_capacity_limiter_tokens_and_total_tokens_change(loop):
             limiter.total_tokens = 4  # raising the limit admits more waiters at once
             await anyio.wait_all_tasks_blocked()
             assert limiter.borrowed_tokens == 4
+            gate.set()
         return max(peak), limiter.borrowed_tokens
 
     assert run(loop, main()) == (4, 0)
